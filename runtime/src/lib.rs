@@ -1,0 +1,5 @@
+//! `colony` will be Colony's runtime: the actors (membership, progress tracking, matchmaking, gradient
+//! accumulation and averaging, state averaging, the optimizer and offload), the replicated record store, the
+//! configuration, the `CollaborativeOptimizer` handle that a trainer calls, and the `colony` command-line
+//! tool. It is the only crate that depends on the actor framework. Nothing is implemented here yet (see
+//! `docs/architecture.md`).

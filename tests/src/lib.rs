@@ -1,0 +1,1 @@
+//! Colony test helpers.

@@ -1,0 +1,347 @@
+//! Protocols over streams: typed message streams, request/response calls, and the [`Router`] that serves
+//! them on a connection.
+//!
+//! Every stream opens with an [`FrameKind::Open`] frame naming a [`ProtocolId`]. The acceptor checks the
+//! name and the version; a mismatch, an unknown protocol, or any malformed frame ends *that stream* with an
+//! error frame that says what was wrong, while the connection and its other streams carry on.
+//!
+//! ```no_run
+//! # use colony_transports::{rpc::{Router, call}, wire::ProtocolId, Connection};
+//! # use std::time::Duration;
+//! # async fn demo(server_conn: Connection, client_conn: Connection) -> Result<(), Box<dyn std::error::Error>> {
+//! let echo = ProtocolId::new("echo", 1)?;
+//! let mut router = Router::default();
+//! router.rpc(echo.clone(), |_peer, request: String, payload| async move { Ok((request, payload)) });
+//! let router = std::sync::Arc::new(router);
+//! tokio::spawn(router.serve(server_conn));
+//! let (reply, _payload): (String, _) =
+//!     call(&client_conn, &echo, &"hi".to_string(), bytes::Bytes::new(), Duration::from_secs(5), &Default::default()).await?;
+//! assert_eq!(reply, "hi");
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use crate::error::StreamError;
+use crate::identity::PeerId;
+use crate::transport::{Connection, RecvStream, SendStream};
+use crate::wire::{
+    ErrorHeader, FrameKind, FrameLimits, OpenHeader, ProtocolId, WireError, WireMessage, read_frame, write_frame,
+};
+
+/// Longest error message put into an error frame.
+const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// The sending half of a protocol stream: typed messages in frames.
+pub struct FramedSend {
+    send: SendStream,
+}
+
+impl FramedSend {
+    /// Wraps a raw stream half.
+    pub fn new(send: SendStream) -> Self {
+        Self { send }
+    }
+
+    /// Sends `message` with `payload` (which may be empty) as one frame.
+    pub async fn send<T: WireMessage>(&mut self, message: &T, payload: Bytes) -> Result<(), WireError> {
+        let header = message.encode()?;
+        write_frame(&mut self.send, FrameKind::Message, &header, payload).await
+    }
+
+    /// Sends an error frame; the other side's next receive fails with [`WireError::Remote`].
+    pub async fn send_error(&mut self, message: &str) -> Result<(), WireError> {
+        let message: String = message.chars().take(MAX_ERROR_MESSAGE).collect();
+        let header = ErrorHeader { message }.encode()?;
+        write_frame(&mut self.send, FrameKind::Error, &header, Bytes::new()).await
+    }
+
+    /// Ends the stream gracefully.
+    pub async fn finish(&mut self) -> Result<(), WireError> {
+        Ok(self.send.finish().await?)
+    }
+
+    /// Aborts the stream.
+    pub fn reset(&mut self, code: u32) {
+        self.send.reset(code)
+    }
+
+    /// The raw stream half, for bulk data after the protocol's messages.
+    pub fn into_inner(self) -> SendStream {
+        self.send
+    }
+}
+
+/// The receiving half of a protocol stream: typed messages with a timeout each.
+pub struct FramedRecv<T> {
+    recv: RecvStream,
+    limits: FrameLimits,
+    message_timeout: Duration,
+    _message: PhantomData<fn() -> T>,
+}
+
+impl<T: WireMessage> FramedRecv<T> {
+    /// Wraps a raw stream half. Each message must arrive within `message_timeout`.
+    pub fn new(recv: RecvStream, limits: FrameLimits, message_timeout: Duration) -> Self {
+        Self { recv, limits, message_timeout, _message: PhantomData }
+    }
+
+    /// The next message and its payload, `Ok(None)` at a clean end of stream, or an error (including the
+    /// remote's error frames and a message that does not arrive in time).
+    pub async fn recv(&mut self) -> Result<Option<(T, Bytes)>, WireError> {
+        let frame = tokio::time::timeout(self.message_timeout, read_frame(&mut self.recv, &self.limits))
+            .await
+            .map_err(|_| StreamError::Timeout { what: "waiting for a message", after: self.message_timeout })??;
+        let Some(frame) = frame else { return Ok(None) };
+        let frame = frame.into_result()?;
+        if frame.kind != FrameKind::Message {
+            return Err(WireError::UnexpectedFrame { expected: "a message", got: frame.kind });
+        }
+        Ok(Some((frame.decode::<T>()?, frame.payload)))
+    }
+
+    /// Like [`FramedRecv::recv`], but the end of the stream is an error.
+    pub async fn recv_required(&mut self, what: &'static str) -> Result<(T, Bytes), WireError> {
+        self.recv().await?.ok_or(WireError::EndOfStream(what))
+    }
+
+    /// Tells the sender to stop.
+    pub fn stop(&mut self, code: u32) {
+        self.recv.stop(code)
+    }
+
+    /// The raw stream half, for bulk data after the protocol's messages.
+    pub fn into_inner(self) -> RecvStream {
+        self.recv
+    }
+}
+
+/// Timeouts and limits of a protocol stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamConfig {
+    /// Frame size limits.
+    pub limits: FrameLimits,
+    /// How long the acceptor waits for the open frame.
+    pub open_timeout: Duration,
+    /// How long any side waits for each message.
+    pub message_timeout: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self { limits: FrameLimits::default(), open_timeout: Duration::from_secs(10), message_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Opens a stream on `conn` speaking `protocol`. The open frame is sent at once; if the acceptor refuses the
+/// protocol, the first receive fails with its reason.
+pub async fn open<Resp: WireMessage>(
+    conn: &Connection,
+    protocol: &ProtocolId,
+    config: &StreamConfig,
+) -> Result<(FramedSend, FramedRecv<Resp>), WireError> {
+    let (mut send, recv) = conn.open_stream().await?;
+    let header = OpenHeader { protocol: protocol.to_string() }.encode()?;
+    write_frame(&mut send, FrameKind::Open, &header, Bytes::new()).await?;
+    Ok((FramedSend::new(send), FramedRecv::new(recv, config.limits, config.message_timeout)))
+}
+
+/// Sends one request and waits for one response (both with payloads) within `timeout`.
+pub async fn call<Req: WireMessage, Resp: WireMessage>(
+    conn: &Connection,
+    protocol: &ProtocolId,
+    request: &Req,
+    payload: Bytes,
+    timeout: Duration,
+    config: &StreamConfig,
+) -> Result<(Resp, Bytes), WireError> {
+    let exchange = async {
+        let (mut send, mut recv) = open::<Resp>(conn, protocol, config).await?;
+        send.send(request, payload).await?;
+        send.finish().await?;
+        recv.recv_required("the response").await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| WireError::Stream(StreamError::Timeout { what: "request", after: timeout }))?
+}
+
+/// What a stream handler gets: who opened the stream and both halves.
+pub struct IncomingStream {
+    /// The proven identity of the peer that opened the stream.
+    pub peer: PeerId,
+    /// The protocol id the opener sent.
+    pub protocol: ProtocolId,
+    /// Sending half.
+    pub send: FramedSend,
+    /// Receiving half (raw; wrap it with [`FramedRecv::new`] for the protocol's message type).
+    pub recv: RecvStream,
+    /// The router's stream settings.
+    pub config: StreamConfig,
+}
+
+impl IncomingStream {
+    /// The receiving half as typed messages.
+    pub fn framed<T: WireMessage>(&mut self) -> FramedRecv<T> {
+        let recv = std::mem::replace(&mut self.recv, RecvStream::new(Box::new(EmptyRecv)));
+        FramedRecv::new(recv, self.config.limits, self.config.message_timeout)
+    }
+}
+
+struct EmptyRecv;
+
+#[async_trait::async_trait]
+impl crate::transport::RecvStreamImpl for EmptyRecv {
+    async fn read_chunk(&mut self, _max_len: usize) -> Result<Option<Bytes>, StreamError> {
+        Ok(None)
+    }
+
+    fn stop(&mut self, _code: u32) {}
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<(), WireError>> + Send>>;
+type Handler = Arc<dyn Fn(IncomingStream) -> BoxFuture + Send + Sync>;
+
+/// Counters of a [`Router`].
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Streams whose open frame named a protocol that was served.
+    pub streams_served: AtomicU64,
+    /// Streams that ended with an error (refused protocol, malformed frame, handler error).
+    pub streams_failed: AtomicU64,
+}
+
+/// Serves protocols on connections: reads each incoming stream's open frame, checks the protocol id, and
+/// runs the matching handler. Build it, wrap it in an `Arc`, then call [`Router::serve`] per connection.
+#[derive(Default)]
+pub struct Router {
+    handlers: HashMap<String, (u32, Handler)>,
+    config: StreamConfig,
+    stats: Arc<RouterStats>,
+}
+
+impl Router {
+    /// A router with the given stream settings.
+    pub fn with_config(config: StreamConfig) -> Self {
+        Self { config, ..Default::default() }
+    }
+
+    /// The router's counters.
+    pub fn stats(&self) -> Arc<RouterStats> {
+        self.stats.clone()
+    }
+
+    /// Serves `protocol` with a handler that owns the whole stream.
+    pub fn stream<F, Fut>(&mut self, protocol: ProtocolId, handler: F)
+    where
+        F: Fn(IncomingStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), WireError>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |incoming| Box::pin(handler(incoming)));
+        self.handlers.insert(protocol.name().to_owned(), (protocol.version(), handler));
+    }
+
+    /// Serves `protocol` as request/response: one request message in, one response (or an error frame with
+    /// the handler's message) out.
+    pub fn rpc<Req, Resp, F, Fut>(&mut self, protocol: ProtocolId, handler: F)
+    where
+        Req: WireMessage,
+        Resp: WireMessage,
+        F: Fn(PeerId, Req, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(Resp, Bytes), String>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.stream(protocol, move |mut incoming| {
+            let handler = handler.clone();
+            async move {
+                let (request, payload) = incoming.framed::<Req>().recv_required("the request").await?;
+                match handler(incoming.peer, request, payload).await {
+                    Ok((response, payload)) => incoming.send.send(&response, payload).await?,
+                    Err(message) => incoming.send.send_error(&message).await?,
+                }
+                incoming.send.finish().await
+            }
+        });
+    }
+
+    /// Serves every stream the remote opens on `conn` until the connection closes. Handler tasks belong to
+    /// this future: dropping it cancels them.
+    pub fn serve(self: Arc<Self>, conn: Connection) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let mut tasks = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = conn.accept_stream() => match accepted {
+                        Ok((send, recv)) => {
+                            let router = self.clone();
+                            let peer = conn.remote_peer();
+                            tasks.spawn(async move { router.handle_stream(peer, send, recv).await });
+                        }
+                        Err(_) => break,
+                    },
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+            }
+            tasks.shutdown().await;
+        }
+    }
+
+    async fn handle_stream(&self, peer: PeerId, send: SendStream, mut recv: RecvStream) {
+        let mut send = FramedSend::new(send);
+        let result = match self.route(&mut recv).await {
+            Ok((protocol, handler)) => {
+                self.stats.streams_served.fetch_add(1, Ordering::Relaxed);
+                let incoming = IncomingStream { peer, protocol, send, recv, config: self.config };
+                // The handler owns the stream now; it reports its own errors to the opener.
+                if let Err(error) = handler(incoming).await {
+                    self.stats.streams_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %peer.short(), %error, "protocol handler failed");
+                }
+                return;
+            }
+            Err(error) => error,
+        };
+        self.stats.streams_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %peer.short(), error = %result, "refused an incoming stream");
+        // Tell the opener what was wrong, then close only this stream.
+        recv.stop(1);
+        if send.send_error(&result.to_string()).await.is_ok() {
+            let _ = send.finish().await;
+        }
+    }
+
+    async fn route(&self, recv: &mut RecvStream) -> Result<(ProtocolId, Handler), WireError> {
+        let frame = tokio::time::timeout(self.config.open_timeout, read_frame(recv, &self.config.limits))
+            .await
+            .map_err(|_| StreamError::Timeout { what: "waiting for the open frame", after: self.config.open_timeout })??
+            .ok_or(WireError::EndOfStream("the open frame"))?;
+        if frame.kind != FrameKind::Open {
+            return Err(WireError::UnexpectedFrame { expected: "an open frame", got: frame.kind });
+        }
+        let requested = frame.access::<OpenHeader>()?.protocol.as_str().to_owned();
+        let protocol: ProtocolId = requested.parse()?;
+        let Some((supported, handler)) = self.handlers.get(protocol.name()) else {
+            let mut names: Vec<String> =
+                self.handlers.iter().map(|(name, (version, _))| format!("/colony/{name}/{version}")).collect();
+            names.sort();
+            return Err(WireError::UnknownProtocol { requested, supported: names.join(", ") });
+        };
+        if *supported != protocol.version() {
+            return Err(WireError::VersionMismatch {
+                name: protocol.name().to_owned(),
+                offered: protocol.version(),
+                supported: *supported,
+            });
+        }
+        Ok((protocol, handler.clone()))
+    }
+}
