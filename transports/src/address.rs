@@ -104,7 +104,10 @@ impl FromStr for Address {
     type Err = AddressError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = |reason: &str| AddressError { text: text.chars().take(120).collect(), reason: reason.to_owned() };
+        let error = |reason: &str| AddressError {
+            text: text.chars().take(120).collect(),
+            reason: reason.to_owned(),
+        };
         if text.len() > MAX_ADDRESS_LEN {
             return Err(error(&format!("longer than {MAX_ADDRESS_LEN} characters")));
         }
@@ -125,7 +128,11 @@ impl FromStr for Address {
             None => (rest, None),
         };
         validate_location(scheme, location).map_err(|reason| error(&reason))?;
-        Ok(Self { scheme, location: location.to_owned(), peer })
+        Ok(Self {
+            scheme,
+            location: location.to_owned(),
+            peer,
+        })
     }
 }
 
@@ -146,9 +153,12 @@ fn validate_location(scheme: Scheme, location: &str) -> Result<(), String> {
                 return Err(format!("location '{location}' has no host"));
             }
             if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-                return Err(format!("IPv6 host in '{location}' must be written in brackets, e.g. [::1]:4000"));
+                return Err(format!(
+                    "IPv6 host in '{location}' must be written in brackets, e.g. [::1]:4000"
+                ));
             }
-            port.parse::<u16>().map_err(|_| format!("port '{port}' is not a number from 0 to 65535"))?;
+            port.parse::<u16>()
+                .map_err(|_| format!("port '{port}' is not a number from 0 to 65535"))?;
             Ok(())
         }
     }

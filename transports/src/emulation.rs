@@ -8,7 +8,7 @@
 //! until the peer is revived.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -38,7 +38,11 @@ pub struct LinkConfig {
 
 impl Default for LinkConfig {
     fn default() -> Self {
-        Self { latency: Duration::ZERO, bandwidth_bytes_per_sec: None, datagram_loss: 0.0 }
+        Self {
+            latency: Duration::ZERO,
+            bandwidth_bytes_per_sec: None,
+            datagram_loss: 0.0,
+        }
     }
 }
 
@@ -49,6 +53,17 @@ const STREAM_QUEUE_PIECES: usize = 256;
 /// Datagrams queued per emulated connection before new ones are dropped.
 const DATAGRAM_QUEUE: usize = 1024;
 
+/// What the emulator did to datagrams so far.
+#[derive(Debug, Default)]
+pub struct EmulatorStats {
+    /// Datagrams handed on to the inner transport.
+    pub datagrams_forwarded: AtomicU64,
+    /// Datagrams dropped by the configured loss.
+    pub datagrams_lost: AtomicU64,
+    /// Datagrams dropped because of a partition, a killed peer or a full queue.
+    pub datagrams_blocked: AtomicU64,
+}
+
 /// The shared control of emulated links. Cheap to clone.
 #[derive(Clone)]
 pub struct LinkEmulator {
@@ -57,6 +72,7 @@ pub struct LinkEmulator {
 
 struct EmulatorInner {
     state: Mutex<EmulatorState>,
+    stats: EmulatorStats,
     /// Bumped on every partition, heal, kill or revive, to wake blocked forwarders.
     topology: watch::Sender<u64>,
 }
@@ -98,6 +114,7 @@ impl LinkEmulator {
                     rng: seed | 1,
                 }),
                 topology: watch::channel(0).0,
+                stats: EmulatorStats::default(),
             }),
         }
     }
@@ -108,6 +125,11 @@ impl LinkEmulator {
 
     fn bump_topology(&self) {
         self.inner.topology.send_modify(|generation| *generation += 1);
+    }
+
+    /// Counters of what happened to datagrams.
+    pub fn stats(&self) -> &EmulatorStats {
+        &self.inner.stats
     }
 
     /// Sets the link used between peers that have no link of their own.
@@ -123,7 +145,9 @@ impl LinkEmulator {
     /// Stops all traffic between the peers of `side_a` and those of `side_b` until [`LinkEmulator::heal`].
     /// Stream data waits; datagrams are dropped; new connections across are refused.
     pub fn partition(&self, side_a: &[PeerId], side_b: &[PeerId]) {
-        self.state().partitions.push((side_a.iter().copied().collect(), side_b.iter().copied().collect()));
+        self.state()
+            .partitions
+            .push((side_a.iter().copied().collect(), side_b.iter().copied().collect()));
         self.bump_topology();
     }
 
@@ -162,7 +186,10 @@ impl LinkEmulator {
 
     /// Wraps `transport` so that its traffic follows this emulator.
     pub fn wrap(&self, transport: Arc<dyn Transport>) -> Arc<dyn Transport> {
-        Arc::new(EmulatedTransport { inner: transport, emulator: self.clone() })
+        Arc::new(EmulatedTransport {
+            inner: transport,
+            emulator: self.clone(),
+        })
     }
 
     /// Why traffic between `a` and `b` cannot flow now, if it cannot.
@@ -174,7 +201,11 @@ impl LinkEmulator {
         let across = |(x, y): &(HashSet<PeerId>, HashSet<PeerId>)| {
             (x.contains(&a) && y.contains(&b)) || (x.contains(&b) && y.contains(&a))
         };
-        state.partitions.iter().any(across).then_some("partitioned by link emulation")
+        state
+            .partitions
+            .iter()
+            .any(across)
+            .then_some("partitioned by link emulation")
     }
 
     /// Waits until traffic may flow between `a` and `b`.
@@ -191,7 +222,11 @@ impl LinkEmulator {
     /// pacing) and when the data arrives.
     fn reserve(&self, from: PeerId, to: PeerId, len: usize) -> (Instant, Instant) {
         let mut state = self.state();
-        let link = state.links.get(&ordered(from, to)).unwrap_or(&state.default_link).clone();
+        let link = state
+            .links
+            .get(&ordered(from, to))
+            .unwrap_or(&state.default_link)
+            .clone();
         let now = Instant::now();
         match link.bandwidth_bytes_per_sec {
             Some(rate) if rate > 0 => {
@@ -208,7 +243,11 @@ impl LinkEmulator {
     /// Whether the next datagram on `from → to` is lost.
     fn datagram_lost(&self, from: PeerId, to: PeerId) -> bool {
         let mut state = self.state();
-        let loss = state.links.get(&ordered(from, to)).unwrap_or(&state.default_link).datagram_loss;
+        let loss = state
+            .links
+            .get(&ordered(from, to))
+            .unwrap_or(&state.default_link)
+            .datagram_loss;
         if loss <= 0.0 {
             return false;
         }
@@ -240,7 +279,10 @@ struct EmulatedTransport {
 
 impl EmulatedTransport {
     fn unreachable(address: &Address, reason: &str) -> TransportError {
-        TransportError::Unreachable { address: address.to_string(), reason: reason.to_owned() }
+        TransportError::Unreachable {
+            address: address.to_string(),
+            reason: reason.to_owned(),
+        }
     }
 }
 
@@ -256,7 +298,11 @@ impl Transport for EmulatedTransport {
 
     async fn listen(&self, address: &Address) -> Result<Listener, TransportError> {
         let inner = self.inner.listen(address).await?;
-        Ok(Listener::new(Box::new(EmulatedListener { inner, emulator: self.emulator.clone(), refused: 0 })))
+        Ok(Listener::new(Box::new(EmulatedListener {
+            inner,
+            emulator: self.emulator.clone(),
+            refused: 0,
+        })))
     }
 
     async fn dial(&self, address: &Address) -> Result<Connection, TransportError> {
@@ -336,12 +382,23 @@ fn wrap_connection(inner: Connection, emulator: &LinkEmulator) -> Connection {
     let datagram_task = tokio::spawn(async move {
         while let Some((arrival, datagram)) = queue.recv().await {
             tokio::time::sleep_until(arrival).await;
-            if forward_emulator.blocked(local, remote).is_none() && forward_to.send_datagram(datagram).is_err() {
+            let stats = forward_emulator.stats();
+            if forward_emulator.blocked(local, remote).is_some() {
+                stats.datagrams_blocked.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if forward_to.send_datagram(datagram).is_err() {
                 break;
             }
+            stats.datagrams_forwarded.fetch_add(1, Ordering::Relaxed);
         }
     });
-    Connection::new(Arc::new(EmulatedConnection { shared, emulator: emulator.clone(), datagrams, datagram_task }))
+    Connection::new(Arc::new(EmulatedConnection {
+        shared,
+        emulator: emulator.clone(),
+        datagrams,
+        datagram_task,
+    }))
 }
 
 impl Drop for EmulatedConnection {
@@ -399,12 +456,20 @@ impl ConnectionImpl for EmulatedConnection {
             return Err(StreamError::ConnectionClosed(reason));
         }
         let (local, remote) = (self.shared.local, self.shared.remote);
-        if self.emulator.blocked(local, remote).is_some() || self.emulator.datagram_lost(local, remote) {
+        let stats = self.emulator.stats();
+        if self.emulator.blocked(local, remote).is_some() {
+            stats.datagrams_blocked.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if self.emulator.datagram_lost(local, remote) {
+            stats.datagrams_lost.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let (_, arrival) = self.emulator.reserve(local, remote, data.len());
         // A full queue drops the datagram, like a congested network.
-        let _ = self.datagrams.try_send((arrival, data));
+        if self.datagrams.try_send((arrival, data)).is_err() {
+            stats.datagrams_blocked.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -422,12 +487,20 @@ impl ConnectionImpl for EmulatedConnection {
 
     async fn closed(&self) -> CloseReason {
         let reason = self.shared.inner.closed().await;
-        if self.shared.killed.load(Ordering::Acquire) { CloseReason::Killed } else { reason }
+        if self.shared.killed.load(Ordering::Acquire) {
+            CloseReason::Killed
+        } else {
+            reason
+        }
     }
 
     fn close_reason(&self) -> Option<CloseReason> {
         let reason = self.shared.inner.close_reason()?;
-        Some(if self.shared.killed.load(Ordering::Acquire) { CloseReason::Killed } else { reason })
+        Some(if self.shared.killed.load(Ordering::Acquire) {
+            CloseReason::Killed
+        } else {
+            reason
+        })
     }
 }
 
@@ -472,14 +545,25 @@ impl EmulatedSend {
             }
             // The queue closed without a finish: the stream is reset when `inner` drops here.
         });
-        Self { queue: Some(queue), forwarder: Some(forwarder), error, emulator, local, remote, finished: false }
+        Self {
+            queue: Some(queue),
+            forwarder: Some(forwarder),
+            error,
+            emulator,
+            local,
+            remote,
+            finished: false,
+        }
     }
 
     fn check(&self) -> Result<&mpsc::Sender<Piece>, StreamError> {
         if let Some(error) = self.error.lock().expect("lock poisoned").clone() {
             return Err(error);
         }
-        self.queue.as_ref().filter(|_| !self.finished).ok_or(StreamError::ClosedLocally)
+        self.queue
+            .as_ref()
+            .filter(|_| !self.finished)
+            .ok_or(StreamError::ClosedLocally)
     }
 }
 
@@ -496,7 +580,11 @@ impl SendStreamImpl for EmulatedSend {
                 .is_some()
         };
         while !data.is_empty() {
-            let take = if paced { data.len().min(PACING_PIECE_BYTES) } else { data.len() };
+            let take = if paced {
+                data.len().min(PACING_PIECE_BYTES)
+            } else {
+                data.len()
+            };
             let bytes = data.split_to(take);
             let (start, arrival) = self.emulator.reserve(self.local, self.remote, bytes.len());
             tokio::time::sleep_until(start).await;
@@ -512,7 +600,10 @@ impl SendStreamImpl for EmulatedSend {
         let queue = self.check()?.clone();
         self.finished = true;
         let (done, result) = oneshot::channel();
-        queue.send(Piece::Finish(done)).await.map_err(|_| StreamError::ClosedLocally)?;
+        queue
+            .send(Piece::Finish(done))
+            .await
+            .map_err(|_| StreamError::ClosedLocally)?;
         let result = result.await.unwrap_or(Err(StreamError::ClosedLocally));
         if let Err(error) = &result
             && let Some(stored) = self.error.lock().expect("lock poisoned").clone()

@@ -56,7 +56,11 @@ pub enum TransportError {
     Authentication { address: String, reason: String },
     /// The dialer required another peer than the one that answered.
     #[error("dialed {address} expecting peer {expected}, but peer {actual} answered")]
-    UnexpectedPeer { address: String, expected: PeerId, actual: PeerId },
+    UnexpectedPeer {
+        address: String,
+        expected: PeerId,
+        actual: PeerId,
+    },
     /// The handshake did not finish in time.
     #[error("handshake with {address} did not finish within {timeout:?}")]
     HandshakeTimeout { address: String, timeout: Duration },
@@ -76,7 +80,10 @@ pub enum TransportError {
 
 impl TransportError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        TransportError::Io { context: context.into(), source }
+        TransportError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

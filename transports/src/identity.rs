@@ -83,13 +83,18 @@ impl FromStr for PeerId {
     type Err = IdentityError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason: String| IdentityError::InvalidPeerId { text: text.to_owned(), reason };
+        let invalid = |reason: String| IdentityError::InvalidPeerId {
+            text: text.to_owned(),
+            reason,
+        };
         let mut bytes = [0u8; PEER_ID_LEN];
         let written = bs58::decode(text)
             .onto(&mut bytes[..])
             .map_err(|e| invalid(format!("not base58: {e}")))?;
         if written != PEER_ID_LEN {
-            return Err(invalid(format!("decodes to {written} bytes, a peer id is {PEER_ID_LEN}")));
+            return Err(invalid(format!(
+                "decodes to {written} bytes, a peer id is {PEER_ID_LEN}"
+            )));
         }
         Ok(Self(bytes))
     }
@@ -114,10 +119,9 @@ impl Keypair {
 
     /// Builds the keypair whose secret seed is `seed`. Useful for deterministic tests.
     pub fn from_seed(seed: [u8; SEED_LEN]) -> Self {
-        let inner = Ed25519KeyPair::from_seed_unchecked(&seed)
-            .expect("every 32-byte seed is a valid ed25519 secret key");
-        let peer_id = PeerId::try_from_slice(inner.public_key().as_ref())
-            .expect("an ed25519 public key is 32 bytes");
+        let inner =
+            Ed25519KeyPair::from_seed_unchecked(&seed).expect("every 32-byte seed is a valid ed25519 secret key");
+        let peer_id = PeerId::try_from_slice(inner.public_key().as_ref()).expect("an ed25519 public key is 32 bytes");
         Self { seed, inner, peer_id }
     }
 
@@ -170,9 +174,15 @@ impl Keypair {
     /// Writes the key to `path` as PEM PKCS#8, readable by its owner only (mode 0600). An existing file is
     /// replaced atomically.
     pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
-        let io_err = |source| IdentityError::Io { path: path.to_path_buf(), source };
+        let io_err = |source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let text = pem::encode(&pem::Pem::new(PEM_TAG, self.to_pkcs8_der()));
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let file_name = path.file_name().ok_or_else(|| IdentityError::InvalidKeyFile {
             path: path.to_path_buf(),
             reason: "the path names no file".into(),
@@ -186,15 +196,23 @@ impl Keypair {
             options.mode(0o600);
         }
         let mut file = options.open(&tmp).map_err(io_err)?;
-        file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(io_err)?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_err)?;
         std::fs::rename(&tmp, path).map_err(io_err)
     }
 
     /// Loads a key written by [`Keypair::save`] (or any PEM PKCS#8 ed25519 key). Refuses files that group or
     /// world can read, and files that are truncated or malformed, naming the file and the problem.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let invalid = |reason: String| IdentityError::InvalidKeyFile { path: path.to_path_buf(), reason };
-        let metadata = std::fs::metadata(path).map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+        let invalid = |reason: String| IdentityError::InvalidKeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let metadata = std::fs::metadata(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -209,10 +227,16 @@ impl Keypair {
         if metadata.len() > MAX_KEY_FILE_BYTES {
             return Err(invalid(format!("{} bytes is too large for a key file", metadata.len())));
         }
-        let text = std::fs::read(path).map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read(path).map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let parsed = pem::parse(&text).map_err(|e| invalid(format!("not a PEM file: {e}")))?;
         if parsed.tag() != PEM_TAG {
-            return Err(invalid(format!("PEM block is '{}', expected '{PEM_TAG}'", parsed.tag())));
+            return Err(invalid(format!(
+                "PEM block is '{}', expected '{PEM_TAG}'",
+                parsed.tag()
+            )));
         }
         Self::from_pkcs8_der(parsed.contents()).map_err(invalid)
     }
@@ -237,7 +261,9 @@ impl Clone for Keypair {
 
 impl fmt::Debug for Keypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keypair").field("peer_id", &self.peer_id).finish_non_exhaustive()
+        f.debug_struct("Keypair")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
     }
 }
 

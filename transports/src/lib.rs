@@ -16,9 +16,14 @@
 pub mod address;
 pub mod emulation;
 pub mod error;
+pub mod handshake;
 pub mod identity;
 pub mod mem;
+pub mod mux;
+pub mod quic;
 pub mod rpc;
+pub mod tcp;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

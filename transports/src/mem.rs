@@ -70,12 +70,22 @@ impl MemHub {
 
     /// A hub with the given limits.
     pub fn with_config(config: MemConfig) -> Self {
-        Self { inner: Arc::new(HubInner { config, ..Default::default() }) }
+        Self {
+            inner: Arc::new(HubInner {
+                config,
+                ..Default::default()
+            }),
+        }
     }
 
     /// A hub whose transports all go through `emulator`.
     pub fn with_emulator(emulator: LinkEmulator) -> Self {
-        Self { inner: Arc::new(HubInner { emulator: Some(emulator), ..Default::default() }) }
+        Self {
+            inner: Arc::new(HubInner {
+                emulator: Some(emulator),
+                ..Default::default()
+            }),
+        }
     }
 
     /// The link emulator of this hub, if it has one.
@@ -85,7 +95,10 @@ impl MemHub {
 
     /// A transport for the peer `keypair` on this hub (wrapped in the hub's link emulation, if any).
     pub fn transport(&self, keypair: &Keypair) -> Arc<dyn Transport> {
-        let transport: Arc<dyn Transport> = Arc::new(MemTransport { hub: self.inner.clone(), peer: keypair.peer_id() });
+        let transport: Arc<dyn Transport> = Arc::new(MemTransport {
+            hub: self.inner.clone(),
+            peer: keypair.peer_id(),
+        });
         match &self.inner.emulator {
             Some(emulator) => emulator.wrap(transport),
             None => transport,
@@ -116,12 +129,19 @@ impl Transport for MemTransport {
         {
             let mut listeners = self.hub.listeners.lock().expect("hub lock poisoned");
             if listeners.contains_key(&name) {
-                return Err(TransportError::AddressInUse { address: address.to_string() });
+                return Err(TransportError::AddressInUse {
+                    address: address.to_string(),
+                });
             }
             listeners.insert(name.clone(), (self.peer, tx));
         }
         let local = Address::new(Scheme::Mem, name.clone(), Some(self.peer))?;
-        Ok(Listener::new(Box::new(MemListener { hub: self.hub.clone(), name, local, rx })))
+        Ok(Listener::new(Box::new(MemListener {
+            hub: self.hub.clone(),
+            name,
+            local,
+            rx,
+        })))
     }
 
     async fn dial(&self, address: &Address) -> Result<Connection, TransportError> {
@@ -133,7 +153,9 @@ impl Transport for MemTransport {
             .expect("hub lock poisoned")
             .get(address.location())
             .cloned()
-            .ok_or_else(|| TransportError::NoListener { address: address.to_string() })?;
+            .ok_or_else(|| TransportError::NoListener {
+                address: address.to_string(),
+            })?;
         if let Some(expected) = address.peer()
             && expected != listener_peer
         {
@@ -145,14 +167,19 @@ impl Transport for MemTransport {
         }
         let listener_address = Address::new(Scheme::Mem, address.location(), Some(listener_peer))?;
         let dialer_address = Address::new(Scheme::Mem, format!("dialer-{}", self.peer.short()), Some(self.peer))?;
-        let (dialer_end, listener_end) =
-            MemEnd::pair(&self.hub.config, (self.peer, listener_address), (listener_peer, dialer_address));
+        let (dialer_end, listener_end) = MemEnd::pair(
+            &self.hub.config,
+            (self.peer, listener_address),
+            (listener_peer, dialer_address),
+        );
         backlog.try_send(Connection::new(listener_end)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TransportError::Io {
                 context: format!("dialing {address}"),
                 source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "listener backlog is full"),
             },
-            mpsc::error::TrySendError::Closed(_) => TransportError::NoListener { address: address.to_string() },
+            mpsc::error::TrySendError::Closed(_) => TransportError::NoListener {
+                address: address.to_string(),
+            },
         })?;
         Ok(Connection::new(dialer_end))
     }
@@ -162,7 +189,10 @@ fn check_scheme(address: &Address) -> Result<(), TransportError> {
     if address.scheme() == Scheme::Mem {
         Ok(())
     } else {
-        Err(TransportError::WrongScheme { transport: "mem", address: address.to_string() })
+        Err(TransportError::WrongScheme {
+            transport: "mem",
+            address: address.to_string(),
+        })
     }
 }
 
@@ -191,7 +221,10 @@ impl ListenerImpl for MemListener {
 impl Drop for MemListener {
     fn drop(&mut self) {
         let mut listeners = self.hub.listeners.lock().expect("hub lock poisoned");
-        if listeners.get(&self.name).is_some_and(|(peer, _)| *peer == self.local.peer().unwrap_or(*peer)) {
+        if listeners
+            .get(&self.name)
+            .is_some_and(|(peer, _)| *peer == self.local.peer().unwrap_or(*peer))
+        {
             listeners.remove(&self.name);
         }
     }
@@ -217,7 +250,11 @@ impl MemLink {
 
     fn reason_for(&self, side: usize) -> Option<CloseReason> {
         self.closed.borrow().as_ref().map(|(closer, reason)| {
-            if *closer == side { CloseReason::Local(reason.clone()) } else { CloseReason::Remote(reason.clone()) }
+            if *closer == side {
+                CloseReason::Local(reason.clone())
+            } else {
+                CloseReason::Remote(reason.clone())
+            }
         })
     }
 
@@ -225,7 +262,8 @@ impl MemLink {
         let mut rx = self.closed.subscribe();
         // The sender lives as long as `self`, so `wait_for` only returns once the state is set.
         let _ = rx.wait_for(Option::is_some).await;
-        self.reason_for(side).unwrap_or_else(|| CloseReason::Lost("connection state dropped".into()))
+        self.reason_for(side)
+            .unwrap_or_else(|| CloseReason::Lost("connection state dropped".into()))
     }
 }
 
@@ -261,9 +299,17 @@ struct MemEnd {
 impl MemEnd {
     /// Builds both ends: `a` is `(local peer, address of the other side as seen from a)`, likewise `b`.
     fn pair(config: &MemConfig, a: (PeerId, Address), b: (PeerId, Address)) -> (Arc<MemEnd>, Arc<MemEnd>) {
-        let link = Arc::new(MemLink { closed: watch::channel(None).0 });
-        let guard_a = Arc::new(EndGuard { link: link.clone(), side: 0 });
-        let guard_b = Arc::new(EndGuard { link: link.clone(), side: 1 });
+        let link = Arc::new(MemLink {
+            closed: watch::channel(None).0,
+        });
+        let guard_a = Arc::new(EndGuard {
+            link: link.clone(),
+            side: 0,
+        });
+        let guard_b = Arc::new(EndGuard {
+            link: link.clone(),
+            side: 1,
+        });
         let (streams_to_b, streams_at_b) = mpsc::channel(config.max_pending_streams.max(1));
         let (streams_to_a, streams_at_a) = mpsc::channel(config.max_pending_streams.max(1));
         let (datagrams_to_b, datagrams_at_b) = mpsc::channel(config.datagram_queue.max(1));
@@ -293,8 +339,30 @@ impl MemEnd {
                 config: config.clone(),
             })
         };
-        let end_a = end(0, a.0, b.0, a.1, &guard_a, &guard_b, streams_to_b, streams_at_a, datagrams_to_b, datagrams_at_a);
-        let end_b = end(1, b.0, a.0, b.1, &guard_b, &guard_a, streams_to_a, streams_at_b, datagrams_to_a, datagrams_at_b);
+        let end_a = end(
+            0,
+            a.0,
+            b.0,
+            a.1,
+            &guard_a,
+            &guard_b,
+            streams_to_b,
+            streams_at_a,
+            datagrams_to_b,
+            datagrams_at_a,
+        );
+        let end_b = end(
+            1,
+            b.0,
+            a.0,
+            b.1,
+            &guard_b,
+            &guard_a,
+            streams_to_a,
+            streams_at_b,
+            datagrams_to_a,
+            datagrams_at_b,
+        );
         (end_a, end_b)
     }
 
@@ -323,21 +391,44 @@ impl ConnectionImpl for MemEnd {
     async fn open_stream(&self) -> Result<(SendStream, RecvStream), StreamError> {
         self.check_open()?;
         let other_guard = self.other_guard.upgrade().ok_or_else(|| {
-            StreamError::ConnectionClosed(self.link.reason_for(self.side).unwrap_or(CloseReason::Remote("gone".into())))
+            StreamError::ConnectionClosed(
+                self.link
+                    .reason_for(self.side)
+                    .unwrap_or(CloseReason::Remote("gone".into())),
+            )
         })?;
         let capacity = self.config.stream_buffer_chunks.max(1);
         let (to_remote, at_remote) = mpsc::channel(capacity);
         let (to_local, at_local) = mpsc::channel(capacity);
         let forward = Arc::new(StopFlag::default());
         let backward = Arc::new(StopFlag::default());
-        let local_pair = half_pair(&self.link, self.side, &self.guard, to_remote, forward.clone(), at_local, backward.clone());
-        let remote_pair = half_pair(&self.link, 1 - self.side, &other_guard, to_local, backward, at_remote, forward);
+        let local_pair = half_pair(
+            &self.link,
+            self.side,
+            &self.guard,
+            to_remote,
+            forward.clone(),
+            at_local,
+            backward.clone(),
+        );
+        let remote_pair = half_pair(
+            &self.link,
+            1 - self.side,
+            &other_guard,
+            to_local,
+            backward,
+            at_remote,
+            forward,
+        );
         self.to_other_streams.try_send(remote_pair).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                StreamError::Refused(format!("{} streams wait to be accepted", self.config.max_pending_streams))
-            }
+            mpsc::error::TrySendError::Full(_) => StreamError::Refused(format!(
+                "{} streams wait to be accepted",
+                self.config.max_pending_streams
+            )),
             mpsc::error::TrySendError::Closed(_) => StreamError::ConnectionClosed(
-                self.link.reason_for(self.side).unwrap_or(CloseReason::Remote("gone".into())),
+                self.link
+                    .reason_for(self.side)
+                    .unwrap_or(CloseReason::Remote("gone".into())),
             ),
         })?;
         Ok(local_pair)
@@ -356,7 +447,10 @@ impl ConnectionImpl for MemEnd {
     fn send_datagram(&self, data: Bytes) -> Result<(), StreamError> {
         self.check_open()?;
         if data.len() > self.config.max_datagram_size {
-            return Err(StreamError::DatagramTooLarge { len: data.len(), limit: self.config.max_datagram_size });
+            return Err(StreamError::DatagramTooLarge {
+                len: data.len(),
+                limit: self.config.max_datagram_size,
+            });
         }
         // Best effort: a full queue drops the datagram, as a congested network would.
         let _ = self.to_other_datagrams.try_send(data);
@@ -425,8 +519,22 @@ fn half_pair(
     rx: mpsc::Receiver<Piece>,
     rx_flag: Arc<StopFlag>,
 ) -> StreamPair {
-    let send = MemSend { tx, stop: tx_flag, link: link.clone(), side, done: false, _guard: guard.clone() };
-    let recv = MemRecv { rx, stop: rx_flag, link: link.clone(), side, done: false, _guard: guard.clone() };
+    let send = MemSend {
+        tx,
+        stop: tx_flag,
+        link: link.clone(),
+        side,
+        done: false,
+        _guard: guard.clone(),
+    };
+    let recv = MemRecv {
+        rx,
+        stop: rx_flag,
+        link: link.clone(),
+        side,
+        done: false,
+        _guard: guard.clone(),
+    };
     (SendStream::new(Box::new(send)), RecvStream::new(Box::new(recv)))
 }
 
@@ -464,7 +572,15 @@ impl SendStreamImpl for MemSend {
     }
 
     async fn finish(&mut self) -> Result<(), StreamError> {
-        let result = self.send(Piece::Fin).await;
+        // A reader that stopped has taken what it wanted; finishing towards it is not an error.
+        if !self.done && self.stop.stopped().is_some() {
+            self.done = true;
+            return Ok(());
+        }
+        let result = match self.send(Piece::Fin).await {
+            Err(StreamError::Stopped(_)) => Ok(()),
+            other => other,
+        };
         self.done = true;
         result
     }

@@ -92,7 +92,12 @@ pub struct FramedRecv<T> {
 impl<T: WireMessage> FramedRecv<T> {
     /// Wraps a raw stream half. Each message must arrive within `message_timeout`.
     pub fn new(recv: RecvStream, limits: FrameLimits, message_timeout: Duration) -> Self {
-        Self { recv, limits, message_timeout, _message: PhantomData }
+        Self {
+            recv,
+            limits,
+            message_timeout,
+            _message: PhantomData,
+        }
     }
 
     /// The next message and its payload, `Ok(None)` at a clean end of stream, or an error (including the
@@ -100,11 +105,17 @@ impl<T: WireMessage> FramedRecv<T> {
     pub async fn recv(&mut self) -> Result<Option<(T, Bytes)>, WireError> {
         let frame = tokio::time::timeout(self.message_timeout, read_frame(&mut self.recv, &self.limits))
             .await
-            .map_err(|_| StreamError::Timeout { what: "waiting for a message", after: self.message_timeout })??;
+            .map_err(|_| StreamError::Timeout {
+                what: "waiting for a message",
+                after: self.message_timeout,
+            })??;
         let Some(frame) = frame else { return Ok(None) };
         let frame = frame.into_result()?;
         if frame.kind != FrameKind::Message {
-            return Err(WireError::UnexpectedFrame { expected: "a message", got: frame.kind });
+            return Err(WireError::UnexpectedFrame {
+                expected: "a message",
+                got: frame.kind,
+            });
         }
         Ok(Some((frame.decode::<T>()?, frame.payload)))
     }
@@ -138,7 +149,11 @@ pub struct StreamConfig {
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        Self { limits: FrameLimits::default(), open_timeout: Duration::from_secs(10), message_timeout: Duration::from_secs(30) }
+        Self {
+            limits: FrameLimits::default(),
+            open_timeout: Duration::from_secs(10),
+            message_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -150,9 +165,15 @@ pub async fn open<Resp: WireMessage>(
     config: &StreamConfig,
 ) -> Result<(FramedSend, FramedRecv<Resp>), WireError> {
     let (mut send, recv) = conn.open_stream().await?;
-    let header = OpenHeader { protocol: protocol.to_string() }.encode()?;
+    let header = OpenHeader {
+        protocol: protocol.to_string(),
+    }
+    .encode()?;
     write_frame(&mut send, FrameKind::Open, &header, Bytes::new()).await?;
-    Ok((FramedSend::new(send), FramedRecv::new(recv, config.limits, config.message_timeout)))
+    Ok((
+        FramedSend::new(send),
+        FramedRecv::new(recv, config.limits, config.message_timeout),
+    ))
 }
 
 /// Sends one request and waits for one response (both with payloads) within `timeout`.
@@ -170,9 +191,12 @@ pub async fn call<Req: WireMessage, Resp: WireMessage>(
         send.finish().await?;
         recv.recv_required("the response").await
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| WireError::Stream(StreamError::Timeout { what: "request", after: timeout }))?
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        WireError::Stream(StreamError::Timeout {
+            what: "request",
+            after: timeout,
+        })
+    })?
 }
 
 /// What a stream handler gets: who opened the stream and both halves.
@@ -232,7 +256,10 @@ pub struct Router {
 impl Router {
     /// A router with the given stream settings.
     pub fn with_config(config: StreamConfig) -> Self {
-        Self { config, ..Default::default() }
+        Self {
+            config,
+            ..Default::default()
+        }
     }
 
     /// The router's counters.
@@ -247,7 +274,8 @@ impl Router {
         Fut: Future<Output = Result<(), WireError>> + Send + 'static,
     {
         let handler: Handler = Arc::new(move |incoming| Box::pin(handler(incoming)));
-        self.handlers.insert(protocol.name().to_owned(), (protocol.version(), handler));
+        self.handlers
+            .insert(protocol.name().to_owned(), (protocol.version(), handler));
     }
 
     /// Serves `protocol` as request/response: one request message in, one response (or an error frame with
@@ -300,7 +328,13 @@ impl Router {
         let result = match self.route(&mut recv).await {
             Ok((protocol, handler)) => {
                 self.stats.streams_served.fetch_add(1, Ordering::Relaxed);
-                let incoming = IncomingStream { peer, protocol, send, recv, config: self.config };
+                let incoming = IncomingStream {
+                    peer,
+                    protocol,
+                    send,
+                    recv,
+                    config: self.config,
+                };
                 // The handler owns the stream now; it reports its own errors to the opener.
                 if let Err(error) = handler(incoming).await {
                     self.stats.streams_failed.fetch_add(1, Ordering::Relaxed);
@@ -322,18 +356,30 @@ impl Router {
     async fn route(&self, recv: &mut RecvStream) -> Result<(ProtocolId, Handler), WireError> {
         let frame = tokio::time::timeout(self.config.open_timeout, read_frame(recv, &self.config.limits))
             .await
-            .map_err(|_| StreamError::Timeout { what: "waiting for the open frame", after: self.config.open_timeout })??
+            .map_err(|_| StreamError::Timeout {
+                what: "waiting for the open frame",
+                after: self.config.open_timeout,
+            })??
             .ok_or(WireError::EndOfStream("the open frame"))?;
         if frame.kind != FrameKind::Open {
-            return Err(WireError::UnexpectedFrame { expected: "an open frame", got: frame.kind });
+            return Err(WireError::UnexpectedFrame {
+                expected: "an open frame",
+                got: frame.kind,
+            });
         }
         let requested = frame.access::<OpenHeader>()?.protocol.as_str().to_owned();
         let protocol: ProtocolId = requested.parse()?;
         let Some((supported, handler)) = self.handlers.get(protocol.name()) else {
-            let mut names: Vec<String> =
-                self.handlers.iter().map(|(name, (version, _))| format!("/colony/{name}/{version}")).collect();
+            let mut names: Vec<String> = self
+                .handlers
+                .iter()
+                .map(|(name, (version, _))| format!("/colony/{name}/{version}"))
+                .collect();
             names.sort();
-            return Err(WireError::UnknownProtocol { requested, supported: names.join(", ") });
+            return Err(WireError::UnknownProtocol {
+                requested,
+                supported: names.join(", "),
+            });
         };
         if *supported != protocol.version() {
             return Err(WireError::VersionMismatch {

@@ -247,7 +247,10 @@ pub const DEFAULT_CHUNK: usize = 1 << 20;
 impl RecvStream {
     /// Wraps an implementation.
     pub fn new(inner: Box<dyn RecvStreamImpl>) -> Self {
-        Self { inner, buffered: Bytes::new() }
+        Self {
+            inner,
+            buffered: Bytes::new(),
+        }
     }
 
     /// The next chunk of at most `max_len` bytes, or `None` at the end of the stream.
@@ -274,6 +277,9 @@ impl RecvStream {
     /// Fills `buf` completely. Returns `Ok(false)` if the stream ended before its first byte (a clean end
     /// between messages) and an error if it ended part-way.
     pub async fn read_exact_or_end(&mut self, buf: &mut [u8]) -> Result<bool, StreamError> {
+        if buf.is_empty() {
+            return Ok(true);
+        }
         let mut filled = 0;
         while filled < buf.len() {
             match self.read_chunk(buf.len() - filled).await? {
@@ -282,7 +288,12 @@ impl RecvStream {
                     filled += chunk.len();
                 }
                 None if filled == 0 => return Ok(false),
-                None => return Err(StreamError::UnexpectedEnd { expected: buf.len(), got: filled }),
+                None => {
+                    return Err(StreamError::UnexpectedEnd {
+                        expected: buf.len(),
+                        got: filled,
+                    });
+                }
             }
         }
         Ok(true)
@@ -290,19 +301,24 @@ impl RecvStream {
 
     /// Fills `buf` completely, or fails if the stream ends first.
     pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StreamError> {
-        if self.read_exact_or_end(buf).await? || buf.is_empty() {
+        if self.read_exact_or_end(buf).await? {
             Ok(())
         } else {
-            Err(StreamError::UnexpectedEnd { expected: buf.len(), got: 0 })
+            Err(StreamError::UnexpectedEnd {
+                expected: buf.len(),
+                got: 0,
+            })
         }
     }
 
     /// Reads exactly `len` bytes. When one received chunk holds them all, no byte is copied. The caller
     /// must have bounded `len` (this allocates it).
     pub async fn read_bytes(&mut self, len: usize) -> Result<Bytes, StreamError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
         let first = match self.read_chunk(len).await? {
             Some(chunk) => chunk,
-            None if len == 0 => return Ok(Bytes::new()),
             None => return Err(StreamError::UnexpectedEnd { expected: len, got: 0 }),
         };
         if first.len() == len {
@@ -313,7 +329,12 @@ impl RecvStream {
         while out.len() < len {
             match self.read_chunk(len - out.len()).await? {
                 Some(chunk) => out.extend_from_slice(&chunk),
-                None => return Err(StreamError::UnexpectedEnd { expected: len, got: out.len() }),
+                None => {
+                    return Err(StreamError::UnexpectedEnd {
+                        expected: len,
+                        got: out.len(),
+                    });
+                }
             }
         }
         Ok(out.freeze())
@@ -325,7 +346,9 @@ impl RecvStream {
         while let Some(chunk) = self.read_chunk(DEFAULT_CHUNK).await? {
             if out.len() + chunk.len() > limit {
                 self.stop(0);
-                return Err(StreamError::Io(format!("stream carries more than the limit of {limit} bytes")));
+                return Err(StreamError::Io(format!(
+                    "stream carries more than the limit of {limit} bytes"
+                )));
             }
             out.extend_from_slice(&chunk);
         }

@@ -73,7 +73,10 @@ pub struct FrameLimits {
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        Self { max_header_bytes: 64 * 1024, max_payload_bytes: 64 * 1024 * 1024 }
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_payload_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -103,7 +106,10 @@ pub fn parse_preamble(bytes: &[u8; PREAMBLE_LEN], limits: &FrameLimits) -> Resul
     let body_len = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
     let version = bytes[8];
     if version != WIRE_VERSION {
-        return Err(WireError::UnsupportedWireVersion { got: version, supported: WIRE_VERSION });
+        return Err(WireError::UnsupportedWireVersion {
+            got: version,
+            supported: WIRE_VERSION,
+        });
     }
     let kind = FrameKind::from_byte(bytes[9])?;
     if bytes[10] != 0 || bytes[11] != 0 {
@@ -118,12 +124,22 @@ pub fn parse_preamble(bytes: &[u8; PREAMBLE_LEN], limits: &FrameLimits) -> Resul
         });
     }
     let payload_len = body_len.checked_sub(u64::from(header_len)).ok_or_else(|| {
-        WireError::Malformed(format!("header length {header_len} exceeds the frame's body length {body_len}"))
+        WireError::Malformed(format!(
+            "header length {header_len} exceeds the frame's body length {body_len}"
+        ))
     })?;
     if payload_len > limits.max_payload_bytes {
-        return Err(WireError::FrameTooLarge { part: "payload", len: payload_len, limit: limits.max_payload_bytes });
+        return Err(WireError::FrameTooLarge {
+            part: "payload",
+            len: payload_len,
+            limit: limits.max_payload_bytes,
+        });
     }
-    Ok(Preamble { kind, header_len, payload_len })
+    Ok(Preamble {
+        kind,
+        header_len,
+        payload_len,
+    })
 }
 
 /// One received frame.
@@ -169,7 +185,11 @@ pub fn decode_frame(bytes: &[u8], limits: &FrameLimits) -> Result<Option<(Frame,
     let header_end = PREAMBLE_LEN + preamble.header_len as usize;
     // Checked by parse_preamble: payload_len <= limits.max_payload_bytes, which fits memory we agreed to use.
     let Ok(payload_len) = usize::try_from(preamble.payload_len) else {
-        return Err(WireError::FrameTooLarge { part: "payload", len: preamble.payload_len, limit: usize::MAX as u64 });
+        return Err(WireError::FrameTooLarge {
+            part: "payload",
+            len: preamble.payload_len,
+            limit: usize::MAX as u64,
+        });
     };
     let total = header_end + payload_len;
     if bytes.len() < total {
@@ -178,7 +198,14 @@ pub fn decode_frame(bytes: &[u8], limits: &FrameLimits) -> Result<Option<(Frame,
     let mut header = AlignedVec::with_capacity(preamble.header_len as usize);
     header.extend_from_slice(&bytes[PREAMBLE_LEN..header_end]);
     let payload = Bytes::copy_from_slice(&bytes[header_end..total]);
-    Ok(Some((Frame { kind: preamble.kind, header, payload }, total)))
+    Ok(Some((
+        Frame {
+            kind: preamble.kind,
+            header,
+            payload,
+        },
+        total,
+    )))
 }
 
 /// Reads one frame. Returns `Ok(None)` when the stream ends cleanly before a frame starts.
@@ -191,16 +218,26 @@ pub async fn read_frame(recv: &mut RecvStream, limits: &FrameLimits) -> Result<O
     let mut header = AlignedVec::with_capacity(preamble.header_len as usize);
     header.resize(preamble.header_len as usize, 0);
     recv.read_exact(&mut header).await?;
-    let payload_len = usize::try_from(preamble.payload_len)
-        .map_err(|_| WireError::FrameTooLarge { part: "payload", len: preamble.payload_len, limit: usize::MAX as u64 })?;
+    let payload_len = usize::try_from(preamble.payload_len).map_err(|_| WireError::FrameTooLarge {
+        part: "payload",
+        len: preamble.payload_len,
+        limit: usize::MAX as u64,
+    })?;
     let payload = recv.read_bytes(payload_len).await?;
-    Ok(Some(Frame { kind: preamble.kind, header, payload }))
+    Ok(Some(Frame {
+        kind: preamble.kind,
+        header,
+        payload,
+    }))
 }
 
 /// Encodes the preamble and header of a frame into one buffer, followed by the payload when it is small.
 pub fn encode_frame_head(kind: FrameKind, header: &[u8], payload: &Bytes) -> Result<Bytes, WireError> {
-    let header_len = u32::try_from(header.len())
-        .map_err(|_| WireError::FrameTooLarge { part: "header", len: header.len() as u64, limit: u64::from(u32::MAX) })?;
+    let header_len = u32::try_from(header.len()).map_err(|_| WireError::FrameTooLarge {
+        part: "header",
+        len: header.len() as u64,
+        limit: u64::from(u32::MAX),
+    })?;
     let coalesce = payload.len() <= COALESCE_PAYLOAD_BYTES;
     let mut out = BytesMut::with_capacity(PREAMBLE_LEN + header.len() + if coalesce { payload.len() } else { 0 });
     out.extend_from_slice(&encode_preamble(kind, header_len, payload.len() as u64));
@@ -212,7 +249,12 @@ pub fn encode_frame_head(kind: FrameKind, header: &[u8], payload: &Bytes) -> Res
 }
 
 /// Writes one frame. A large payload is handed to the stream as its own chunk, without copying.
-pub async fn write_frame(send: &mut SendStream, kind: FrameKind, header: &[u8], payload: Bytes) -> Result<(), WireError> {
+pub async fn write_frame(
+    send: &mut SendStream,
+    kind: FrameKind,
+    header: &[u8],
+    payload: Bytes,
+) -> Result<(), WireError> {
     let head = encode_frame_head(kind, header, &payload)?;
     send.write_chunk(head).await?;
     if payload.len() > COALESCE_PAYLOAD_BYTES {
@@ -250,16 +292,21 @@ where
         + Sync
         + 'static
         + for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
-    T::Archived: for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+    T::Archived:
+        for<'a> CheckBytes<HighValidator<'a, rancor::Error>> + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
 {
     fn access_archived(bytes: &[u8]) -> Result<&T::Archived, WireError> {
-        rkyv::access::<T::Archived, rancor::Error>(bytes)
-            .map_err(|e| WireError::InvalidHeader { type_name: std::any::type_name::<T>(), reason: e.to_string() })
+        rkyv::access::<T::Archived, rancor::Error>(bytes).map_err(|e| WireError::InvalidHeader {
+            type_name: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })
     }
 
     fn decode_archived(archived: &T::Archived) -> Result<T, WireError> {
-        rkyv::deserialize::<T, rancor::Error>(archived)
-            .map_err(|e| WireError::InvalidHeader { type_name: std::any::type_name::<T>(), reason: e.to_string() })
+        rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| WireError::InvalidHeader {
+            type_name: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -300,14 +347,19 @@ impl ProtocolId {
     pub fn new(name: &str, version: u32) -> Result<Self, WireError> {
         let valid = !name.is_empty()
             && name.len() <= MAX_PROTOCOL_NAME
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
         if !valid {
             return Err(WireError::InvalidProtocolId {
                 text: format!("/colony/{name}/{version}"),
                 reason: format!("the name must be 1 to {MAX_PROTOCOL_NAME} characters of a-z, 0-9, '-', '_', '.'"),
             });
         }
-        Ok(Self { name: name.to_owned(), version })
+        Ok(Self {
+            name: name.to_owned(),
+            version,
+        })
     }
 
     /// The protocol's name.
@@ -335,9 +387,15 @@ impl FromStr for ProtocolId {
             text: text.chars().take(120).collect(),
             reason: reason.to_owned(),
         };
-        let rest = text.strip_prefix("/colony/").ok_or_else(|| invalid("must start with /colony/"))?;
-        let (name, version) = rest.rsplit_once('/').ok_or_else(|| invalid("must be /colony/<name>/<version>"))?;
-        let version = version.parse::<u32>().map_err(|_| invalid("the version must be a whole number"))?;
+        let rest = text
+            .strip_prefix("/colony/")
+            .ok_or_else(|| invalid("must start with /colony/"))?;
+        let (name, version) = rest
+            .rsplit_once('/')
+            .ok_or_else(|| invalid("must be /colony/<name>/<version>"))?;
+        let version = version
+            .parse::<u32>()
+            .map_err(|_| invalid("the version must be a whole number"))?;
         Self::new(name, version).map_err(|_| invalid("the name must be a-z, 0-9, '-', '_', '.' (1 to 64 characters)"))
     }
 }
@@ -403,27 +461,49 @@ mod tests {
         let bytes = encode_preamble(FrameKind::Message, 0x10, 0x0102);
         assert_eq!(bytes, [0x12, 0x01, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0x10, 0, 0, 0]);
         let parsed = parse_preamble(&bytes, &FrameLimits::default()).unwrap();
-        assert_eq!(parsed, Preamble { kind: FrameKind::Message, header_len: 0x10, payload_len: 0x0102 });
+        assert_eq!(
+            parsed,
+            Preamble {
+                kind: FrameKind::Message,
+                header_len: 0x10,
+                payload_len: 0x0102
+            }
+        );
     }
 
     #[test]
     fn rkyv_format_is_pinned() {
         // Reference vector of the archived bytes (little endian, aligned, 32-bit relative pointers). If a
         // feature change alters it, peers built before and after cannot talk: bump WIRE_VERSION.
-        let bytes = OpenHeader { protocol: "/colony/x/1".into() }.encode().unwrap();
+        let bytes = OpenHeader {
+            protocol: "/colony/x/1".into(),
+        }
+        .encode()
+        .unwrap();
         let mut expected = b"/colony/x/1\0".to_vec();
         expected.extend_from_slice(&[0x8b, 0, 0, 0, 0xf4, 0xff, 0xff, 0xff]);
         assert_eq!(bytes.as_slice(), expected.as_slice());
-        let frame = Frame { kind: FrameKind::Open, header: bytes, payload: Bytes::new() };
+        let frame = Frame {
+            kind: FrameKind::Open,
+            header: bytes,
+            payload: Bytes::new(),
+        };
         assert_eq!(frame.decode::<OpenHeader>().unwrap().protocol, "/colony/x/1");
     }
 
     #[test]
     fn decode_round_trip_and_partial_input() {
-        let header = OpenHeader { protocol: "/colony/echo/1".into() }.encode().unwrap();
+        let header = OpenHeader {
+            protocol: "/colony/echo/1".into(),
+        }
+        .encode()
+        .unwrap();
         let bytes = frame_bytes(FrameKind::Open, &header, b"payload");
         for cut in 0..bytes.len() {
-            assert!(decode_frame(&bytes[..cut], &FrameLimits::default()).unwrap().is_none(), "cut {cut}");
+            assert!(
+                decode_frame(&bytes[..cut], &FrameLimits::default()).unwrap().is_none(),
+                "cut {cut}"
+            );
         }
         let (frame, used) = decode_frame(&bytes, &FrameLimits::default()).unwrap().unwrap();
         assert_eq!(used, bytes.len());
@@ -438,24 +518,41 @@ mod tests {
         let mut bytes = encode_preamble(FrameKind::Message, 0, 0);
         bytes[0..8].copy_from_slice(&(4u64 << 30).to_le_bytes());
         let err = parse_preamble(&bytes, &limits).unwrap_err();
-        assert!(matches!(err, WireError::FrameTooLarge { part: "payload", len, .. } if len == 4 << 30), "{err}");
+        assert!(
+            matches!(err, WireError::FrameTooLarge { part: "payload", len, .. } if len == 4 << 30),
+            "{err}"
+        );
         assert!(err.to_string().contains("exceeds the limit"));
 
         let bytes = encode_preamble(FrameKind::Message, 1 << 20, 0);
-        assert!(matches!(parse_preamble(&bytes, &limits), Err(WireError::FrameTooLarge { part: "header", .. })));
+        assert!(matches!(
+            parse_preamble(&bytes, &limits),
+            Err(WireError::FrameTooLarge { part: "header", .. })
+        ));
 
         let mut bytes = encode_preamble(FrameKind::Message, 8, 0);
         bytes[0..8].copy_from_slice(&4u64.to_le_bytes());
-        assert!(parse_preamble(&bytes, &limits).unwrap_err().to_string().contains("exceeds the frame's body"));
+        assert!(
+            parse_preamble(&bytes, &limits)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds the frame's body")
+        );
 
         let mut bytes = encode_preamble(FrameKind::Message, 0, 0);
         bytes[8] = 9;
         let err = parse_preamble(&bytes, &limits).unwrap_err().to_string();
-        assert!(err.contains("wire version 9") && err.contains("speaks wire version 1"), "{err}");
+        assert!(
+            err.contains("wire version 9") && err.contains("speaks wire version 1"),
+            "{err}"
+        );
 
         let mut bytes = encode_preamble(FrameKind::Message, 0, 0);
         bytes[9] = 77;
-        assert_eq!(parse_preamble(&bytes, &limits).unwrap_err(), WireError::UnknownFrameKind(77));
+        assert_eq!(
+            parse_preamble(&bytes, &limits).unwrap_err(),
+            WireError::UnknownFrameKind(77)
+        );
 
         let mut bytes = encode_preamble(FrameKind::Message, 0, 0);
         bytes[11] = 1;
@@ -469,13 +566,25 @@ mod tests {
         let (frame, _) = decode_frame(&bytes, &FrameLimits::default()).unwrap().unwrap();
         let err = frame.decode::<OpenHeader>().unwrap_err();
         assert!(matches!(err, WireError::InvalidHeader { .. }), "{err}");
-        let empty = Frame { kind: FrameKind::Open, header: AlignedVec::new(), payload: Bytes::new() };
+        let empty = Frame {
+            kind: FrameKind::Open,
+            header: AlignedVec::new(),
+            payload: Bytes::new(),
+        };
         assert!(empty.decode::<OpenHeader>().is_err());
         // A valid archive with its string pointer aimed outside the buffer.
-        let mut header = OpenHeader { protocol: "/colony/echo/1".into() }.encode().unwrap();
+        let mut header = OpenHeader {
+            protocol: "/colony/echo/1".into(),
+        }
+        .encode()
+        .unwrap();
         let len = header.len();
         header[len - 4..].copy_from_slice(&(-1000i32).to_le_bytes());
-        let bad = Frame { kind: FrameKind::Open, header, payload: Bytes::new() };
+        let bad = Frame {
+            kind: FrameKind::Open,
+            header,
+            payload: Bytes::new(),
+        };
         assert!(bad.decode::<OpenHeader>().is_err());
     }
 
@@ -483,7 +592,14 @@ mod tests {
     fn protocol_ids() {
         let id: ProtocolId = "/colony/all-reduce/3".parse().unwrap();
         assert_eq!(id, ProtocolId::new("all-reduce", 3).unwrap());
-        for bad in ["/colony/Echo/1", "/colony//1", "/colony/echo/x", "/other/echo/1", "/colony/echo", "/colony/a/b/1"] {
+        for bad in [
+            "/colony/Echo/1",
+            "/colony//1",
+            "/colony/echo/x",
+            "/other/echo/1",
+            "/colony/echo",
+            "/colony/a/b/1",
+        ] {
             assert!(bad.parse::<ProtocolId>().is_err(), "{bad}");
         }
         assert!(ProtocolId::new(&"a".repeat(65), 1).is_err());

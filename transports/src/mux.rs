@@ -1,0 +1,813 @@
+//! Stream multiplexing over one ordered byte stream (TCP, or TLS over TCP).
+//!
+//! Many bidirectional streams share one socket without a small control message waiting behind a bulk
+//! transfer: data travels in frames of at most [`MAX_DATA_FRAME`] bytes, and credit-based flow control per
+//! stream and per connection keeps one slow reader from stalling the others (the reader task never blocks
+//! on a stream; it can only receive what it granted).
+//!
+//! Frame header, 12 bytes little-endian: `stream id: u32`, `type: u8`, `flags: u8 (0)`, `reserved: u16 (0)`,
+//! `length: u32`. Types: DATA (payload follows), WINDOW (credit increment in `length`; stream 0 = the
+//! connection), OPEN, FIN, RESET (code in `length`), STOP (code in `length`), DATAGRAM (payload follows),
+//! PING, GOAWAY (reason text follows). Dialers use odd stream ids, listeners even ones. Any violation —
+//! oversized frame, data beyond credit, unknown type — closes the connection with a reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::address::Address;
+use crate::error::{CloseReason, StreamError};
+use crate::identity::PeerId;
+use crate::transport::{ConnectionImpl, RecvStream, RecvStreamImpl, SendStream, SendStreamImpl};
+
+/// Largest DATA frame; larger writes are split.
+pub const MAX_DATA_FRAME: usize = 1 << 20;
+/// Credit every new stream starts with in each direction, before any WINDOW frame.
+pub const INITIAL_STREAM_WINDOW: u64 = 256 * 1024;
+/// Credit a new connection starts with in each direction.
+pub const INITIAL_CONNECTION_WINDOW: u64 = 16 * 1024 * 1024;
+/// Longest GOAWAY reason.
+const MAX_GOAWAY_REASON: usize = 1024;
+/// RESET/STOP code sent when a stream is refused for exceeding the stream limit.
+pub const REFUSED_CODE: u32 = u32::MAX;
+
+const HEADER_LEN: usize = 12;
+const DATA: u8 = 0;
+const WINDOW: u8 = 1;
+const OPEN: u8 = 2;
+const FIN: u8 = 3;
+const RESET: u8 = 4;
+const STOP: u8 = 5;
+const DATAGRAM: u8 = 6;
+const PING: u8 = 7;
+const GOAWAY: u8 = 8;
+
+/// Settings of a multiplexed connection.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// Credit granted to the remote per stream (bytes it may send ahead of our reading).
+    pub stream_receive_window: u64,
+    /// Credit granted to the remote for the whole connection.
+    pub connection_receive_window: u64,
+    /// Streams the remote may have open at once; more are refused.
+    pub max_incoming_streams: usize,
+    /// Largest datagram carried.
+    pub max_datagram_size: usize,
+    /// Datagrams queued for the application before new ones are dropped.
+    pub datagram_queue: usize,
+    /// A PING is sent after this long without sending anything.
+    pub keep_alive_interval: Duration,
+    /// The connection closes after this long without receiving anything.
+    pub idle_timeout: Duration,
+}
+
+fn header(stream: u32, kind: u8, len: u32) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    out[0..4].copy_from_slice(&stream.to_le_bytes());
+    out[4] = kind;
+    out[8..12].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+enum Out {
+    Frame([u8; HEADER_LEN], Bytes),
+    Shutdown,
+}
+
+enum Incoming {
+    Data(Bytes),
+    Fin,
+    Reset(u32),
+}
+
+struct SendSide {
+    credit: u64,
+    stopped: Option<u32>,
+}
+
+struct RecvSide {
+    /// Credit the remote still has on this stream.
+    window: u64,
+    /// Bytes read by the application and not yet given back as credit.
+    unreported: u64,
+    closed: bool,
+}
+
+struct StreamState {
+    id: u32,
+    remote_opened: bool,
+    send: Mutex<SendSide>,
+    recv: Mutex<RecvSide>,
+    recv_tx: mpsc::UnboundedSender<Incoming>,
+    send_closed: AtomicBool,
+}
+
+struct ConnFlow {
+    send_credit: u64,
+    recv_window: u64,
+    recv_unreported: u64,
+}
+
+struct Shared {
+    config: MuxConfig,
+    streams: Mutex<HashMap<u32, Arc<StreamState>>>,
+    flow: Mutex<ConnFlow>,
+    credit: Notify,
+    out: mpsc::UnboundedSender<Out>,
+    close: watch::Sender<Option<CloseReason>>,
+    next_stream_id: AtomicU32,
+    incoming_open: AtomicUsize,
+    guard: Mutex<Weak<CloseGuard>>,
+    accept_tx: mpsc::Sender<(SendStream, RecvStream)>,
+    datagram_tx: mpsc::Sender<Bytes>,
+}
+
+impl Shared {
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<StreamState>>> {
+        self.streams.lock().expect("mux stream table poisoned")
+    }
+
+    fn lock_flow(&self) -> std::sync::MutexGuard<'_, ConnFlow> {
+        self.flow.lock().expect("mux flow state poisoned")
+    }
+
+    fn send_frame(&self, stream: u32, kind: u8, len: u32, payload: Bytes) {
+        // The writer may be gone after a close; then there is nothing left to tell the remote.
+        let _ = self.out.send(Out::Frame(header(stream, kind, len), payload));
+    }
+
+    fn close_reason(&self) -> Option<CloseReason> {
+        self.close.borrow().clone()
+    }
+
+    async fn wait_closed(&self) -> CloseReason {
+        let mut rx = self.close.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().expect("wait_for returns only once a reason is set"),
+            Err(_) => CloseReason::Lost("connection state dropped".into()),
+        }
+    }
+
+    /// Closes the connection once; later calls do nothing. A local close tells the remote why.
+    fn close(&self, reason: CloseReason) {
+        let first = self.close.send_if_modified(|state| {
+            if state.is_none() {
+                *state = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        if !first {
+            return;
+        }
+        if let CloseReason::Local(text) = &reason {
+            let text: String = text.chars().take(MAX_GOAWAY_REASON / 4).collect();
+            let payload = Bytes::from(text.into_bytes());
+            self.send_frame(0, GOAWAY, payload.len() as u32, payload);
+        }
+        let _ = self.out.send(Out::Shutdown);
+        // Dropping the stream states closes every stream's queue; readers then see the close reason.
+        self.lock_streams().clear();
+        self.credit.notify_waiters();
+    }
+
+    fn maybe_remove(&self, state: &StreamState) {
+        let recv_closed = state.recv.lock().expect("stream lock poisoned").closed;
+        if recv_closed && state.send_closed.load(Ordering::Acquire) {
+            let removed = self.lock_streams().remove(&state.id);
+            if removed.is_some() && state.remote_opened {
+                self.incoming_open.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Gives back connection credit for `len` bytes that were received and consumed or discarded.
+    fn return_connection_credit(&self, len: u64) {
+        let mut flow = self.lock_flow();
+        flow.recv_unreported += len;
+        if flow.recv_unreported >= self.config.connection_receive_window / 4 {
+            let grant = flow.recv_unreported;
+            flow.recv_unreported = 0;
+            flow.recv_window += grant;
+            drop(flow);
+            self.send_frame(0, WINDOW, grant_u32(grant), Bytes::new());
+        }
+    }
+
+    fn new_stream(&self, id: u32, remote_opened: bool) -> (Arc<StreamState>, mpsc::UnboundedReceiver<Incoming>) {
+        let (recv_tx, recv_rx) = mpsc::unbounded_channel();
+        let state = Arc::new(StreamState {
+            id,
+            remote_opened,
+            send: Mutex::new(SendSide {
+                credit: INITIAL_STREAM_WINDOW,
+                stopped: None,
+            }),
+            recv: Mutex::new(RecvSide {
+                window: self.config.stream_receive_window,
+                unreported: 0,
+                closed: false,
+            }),
+            recv_tx,
+            send_closed: AtomicBool::new(false),
+        });
+        (state, recv_rx)
+    }
+
+    fn halves(
+        self: &Arc<Self>,
+        state: Arc<StreamState>,
+        rx: mpsc::UnboundedReceiver<Incoming>,
+        guard: Arc<CloseGuard>,
+    ) -> (SendStream, RecvStream) {
+        let send = MuxSend {
+            shared: self.clone(),
+            state: state.clone(),
+            done: false,
+            _guard: guard.clone(),
+        };
+        let recv = MuxRecv {
+            shared: self.clone(),
+            state,
+            rx,
+            done: false,
+            _guard: guard,
+        };
+        (SendStream::new(Box::new(send)), RecvStream::new(Box::new(recv)))
+    }
+
+    /// Grants the configured stream window beyond the initial one.
+    fn grant_initial_stream_credit(&self, id: u32) {
+        if self.config.stream_receive_window > INITIAL_STREAM_WINDOW {
+            let extra = self.config.stream_receive_window - INITIAL_STREAM_WINDOW;
+            self.send_frame(id, WINDOW, grant_u32(extra), Bytes::new());
+        }
+    }
+}
+
+fn grant_u32(grant: u64) -> u32 {
+    u32::try_from(grant).unwrap_or(u32::MAX)
+}
+
+/// Closes the connection when the last application handle (connection or stream) is dropped.
+struct CloseGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        self.shared.close(CloseReason::Local("connection dropped".into()));
+    }
+}
+
+/// A multiplexed connection over a byte stream, already authenticated by the caller.
+pub struct MuxConnection {
+    shared: Arc<Shared>,
+    guard: Arc<CloseGuard>,
+    accept_rx: tokio::sync::Mutex<mpsc::Receiver<(SendStream, RecvStream)>>,
+    datagram_rx: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+    local: PeerId,
+    remote: PeerId,
+    remote_address: Address,
+}
+
+impl MuxConnection {
+    /// Starts multiplexing over `reader`/`writer`. `dialer` picks the stream id parity.
+    pub fn start<R, W>(
+        reader: R,
+        writer: W,
+        dialer: bool,
+        config: MuxConfig,
+        local: PeerId,
+        remote: PeerId,
+        remote_address: Address,
+    ) -> Self
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (accept_tx, accept_rx) = mpsc::channel(config.max_incoming_streams.max(1));
+        let (datagram_tx, datagram_rx) = mpsc::channel(config.datagram_queue.max(1));
+        let shared = Arc::new(Shared {
+            flow: Mutex::new(ConnFlow {
+                send_credit: INITIAL_CONNECTION_WINDOW,
+                recv_window: config.connection_receive_window,
+                recv_unreported: 0,
+            }),
+            config,
+            streams: Mutex::new(HashMap::new()),
+            credit: Notify::new(),
+            out,
+            close: watch::channel(None).0,
+            next_stream_id: AtomicU32::new(if dialer { 1 } else { 2 }),
+            incoming_open: AtomicUsize::new(0),
+            guard: Mutex::new(Weak::new()),
+            accept_tx,
+            datagram_tx,
+        });
+        let guard = Arc::new(CloseGuard { shared: shared.clone() });
+        *shared.guard.lock().expect("guard slot poisoned") = Arc::downgrade(&guard);
+        if shared.config.connection_receive_window > INITIAL_CONNECTION_WINDOW {
+            let extra = shared.config.connection_receive_window - INITIAL_CONNECTION_WINDOW;
+            shared.send_frame(0, WINDOW, grant_u32(extra), Bytes::new());
+        }
+        // Both tasks end when the connection closes (the writer after a short grace period to flush GOAWAY).
+        tokio::spawn(run_writer(shared.clone(), out_rx, writer));
+        tokio::spawn(run_reader(shared.clone(), reader, !dialer));
+        Self {
+            shared,
+            guard,
+            accept_rx: tokio::sync::Mutex::new(accept_rx),
+            datagram_rx: tokio::sync::Mutex::new(datagram_rx),
+            local,
+            remote,
+            remote_address,
+        }
+    }
+
+    fn closed_error(&self) -> StreamError {
+        StreamError::ConnectionClosed(
+            self.shared
+                .close_reason()
+                .unwrap_or(CloseReason::Lost("unknown".into())),
+        )
+    }
+}
+
+#[async_trait]
+impl ConnectionImpl for MuxConnection {
+    fn local_peer(&self) -> PeerId {
+        self.local
+    }
+
+    fn remote_peer(&self) -> PeerId {
+        self.remote
+    }
+
+    fn remote_address(&self) -> Address {
+        self.remote_address.clone()
+    }
+
+    async fn open_stream(&self) -> Result<(SendStream, RecvStream), StreamError> {
+        if self.shared.close_reason().is_some() {
+            return Err(self.closed_error());
+        }
+        let id = self.shared.next_stream_id.fetch_add(2, Ordering::Relaxed);
+        if id >= u32::MAX - 2 {
+            return Err(StreamError::Refused("stream ids of this connection are used up".into()));
+        }
+        let (state, rx) = self.shared.new_stream(id, false);
+        self.shared.lock_streams().insert(id, state.clone());
+        self.shared.send_frame(id, OPEN, 0, Bytes::new());
+        self.shared.grant_initial_stream_credit(id);
+        Ok(self.shared.halves(state, rx, self.guard.clone()))
+    }
+
+    async fn accept_stream(&self) -> Result<(SendStream, RecvStream), StreamError> {
+        let mut incoming = self.accept_rx.lock().await;
+        tokio::select! {
+            biased;
+            pair = incoming.recv() => pair.ok_or_else(|| self.closed_error()),
+            reason = self.shared.wait_closed() => Err(StreamError::ConnectionClosed(reason)),
+        }
+    }
+
+    fn send_datagram(&self, data: Bytes) -> Result<(), StreamError> {
+        if self.shared.close_reason().is_some() {
+            return Err(self.closed_error());
+        }
+        if data.len() > self.shared.config.max_datagram_size {
+            return Err(StreamError::DatagramTooLarge {
+                len: data.len(),
+                limit: self.shared.config.max_datagram_size,
+            });
+        }
+        self.shared.send_frame(0, DATAGRAM, data.len() as u32, data);
+        Ok(())
+    }
+
+    async fn recv_datagram(&self) -> Result<Bytes, StreamError> {
+        let mut incoming = self.datagram_rx.lock().await;
+        tokio::select! {
+            biased;
+            datagram = incoming.recv() => datagram.ok_or_else(|| self.closed_error()),
+            reason = self.shared.wait_closed() => Err(StreamError::ConnectionClosed(reason)),
+        }
+    }
+
+    fn max_datagram_size(&self) -> Option<usize> {
+        Some(self.shared.config.max_datagram_size)
+    }
+
+    fn close(&self, reason: &str) {
+        self.shared.close(CloseReason::Local(reason.to_owned()));
+    }
+
+    async fn closed(&self) -> CloseReason {
+        self.shared.wait_closed().await
+    }
+
+    fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.close_reason()
+    }
+}
+
+/// How long the writer may keep flushing after the connection closed (to deliver GOAWAY) before it gives up.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+async fn run_writer<W: AsyncWrite + Unpin>(shared: Arc<Shared>, out: mpsc::UnboundedReceiver<Out>, writer: W) {
+    let grace = async {
+        let reason = shared.wait_closed().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+        reason
+    };
+    tokio::select! {
+        () = write_loop(&shared, out, writer) => {}
+        _ = grace => {}
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(shared: &Arc<Shared>, mut out: mpsc::UnboundedReceiver<Out>, writer: W) {
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    let keep_alive = shared.config.keep_alive_interval;
+    let result: std::io::Result<()> = async {
+        loop {
+            let first = match tokio::time::timeout(keep_alive, out.recv()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => return Ok(()),
+                Err(_) => Out::Frame(header(0, PING, 0), Bytes::new()),
+            };
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Out::Frame(head, payload) => {
+                        writer.write_all(&head).await?;
+                        if !payload.is_empty() {
+                            writer.write_all(&payload).await?;
+                        }
+                    }
+                    Out::Shutdown => {
+                        writer.flush().await?;
+                        return writer.shutdown().await;
+                    }
+                }
+                next = out.try_recv().ok();
+            }
+            writer.flush().await?;
+        }
+    }
+    .await;
+    if let Err(error) = result {
+        shared.close(CloseReason::Lost(format!("write failed: {error}")));
+    }
+}
+
+async fn run_reader<R: AsyncRead + Unpin>(shared: Arc<Shared>, reader: R, remote_is_dialer: bool) {
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut closed = shared.close.subscribe();
+    let reason = tokio::select! {
+        reason = read_loop(&shared, &mut reader, remote_is_dialer) => reason,
+        _ = closed.wait_for(Option::is_some) => return,
+    };
+    shared.close(reason);
+}
+
+/// Reads and dispatches frames until the connection must close; returns why.
+async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: &mut R, remote_is_dialer: bool) -> CloseReason {
+    // A violation closes with a local reason so that the remote learns it in GOAWAY.
+    let violation = |what: String| CloseReason::Local(format!("protocol violation by the remote peer: {what}"));
+    let idle = shared.config.idle_timeout;
+    let mut last_remote_id = 0u32;
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        match tokio::time::timeout(idle, reader.read_exact(&mut head)).await {
+            Err(_) => return CloseReason::IdleTimeout,
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return CloseReason::Lost("the remote peer closed the socket".into());
+            }
+            Ok(Err(error)) => return CloseReason::Lost(format!("read failed: {error}")),
+            Ok(Ok(_)) => {}
+        }
+        let id = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
+        let kind = head[4];
+        let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if head[5] != 0 || head[6] != 0 || head[7] != 0 {
+            return violation("non-zero flags or reserved bytes".into());
+        }
+        let payload_limit = match kind {
+            DATA | DATAGRAM => MAX_DATA_FRAME,
+            GOAWAY => MAX_GOAWAY_REASON,
+            _ => 0,
+        };
+        let payload = if payload_limit > 0 {
+            if len as usize > payload_limit {
+                return violation(format!(
+                    "frame type {kind} of {len} bytes exceeds the limit of {payload_limit}"
+                ));
+            }
+            match tokio::time::timeout(idle, read_payload(reader, len as usize)).await {
+                Ok(Ok(payload)) => payload,
+                Ok(Err(error)) => return CloseReason::Lost(format!("read failed: {error}")),
+                Err(_) => return CloseReason::IdleTimeout,
+            }
+        } else {
+            Bytes::new()
+        };
+        match kind {
+            DATA => {
+                let len = u64::from(len);
+                {
+                    let mut flow = shared.lock_flow();
+                    if len > flow.recv_window {
+                        return violation(format!("{len} bytes sent beyond the connection's credit"));
+                    }
+                    flow.recv_window -= len;
+                }
+                let state = shared.lock_streams().get(&id).cloned();
+                let delivered = match state {
+                    Some(state) => {
+                        let mut recv = state.recv.lock().expect("stream lock poisoned");
+                        if recv.closed {
+                            false
+                        } else if len > recv.window {
+                            return violation(format!("{len} bytes sent beyond stream {id}'s credit"));
+                        } else {
+                            recv.window -= len;
+                            state.recv_tx.send(Incoming::Data(payload)).is_ok()
+                        }
+                    }
+                    None => false,
+                };
+                if !delivered {
+                    // Nobody will read it: give the connection credit back at once.
+                    shared.return_connection_credit(len);
+                }
+            }
+            WINDOW => {
+                let grant = u64::from(len);
+                if id == 0 {
+                    let mut flow = shared.lock_flow();
+                    flow.send_credit = flow.send_credit.saturating_add(grant);
+                } else {
+                    let state = shared.lock_streams().get(&id).cloned();
+                    if let Some(state) = state {
+                        let mut send = state.send.lock().expect("stream lock poisoned");
+                        send.credit = send.credit.saturating_add(grant);
+                    }
+                }
+                shared.credit.notify_waiters();
+            }
+            OPEN => {
+                let remote_parity_ok = (id % 2 == 1) == remote_is_dialer;
+                if id == 0 || !remote_parity_ok || id <= last_remote_id {
+                    return violation(format!("invalid new stream id {id}"));
+                }
+                last_remote_id = id;
+                let guard = shared.guard.lock().expect("guard slot poisoned").upgrade();
+                let Some(guard) = guard else { continue };
+                if shared.incoming_open.load(Ordering::Acquire) >= shared.config.max_incoming_streams {
+                    shared.send_frame(id, RESET, REFUSED_CODE, Bytes::new());
+                    shared.send_frame(id, STOP, REFUSED_CODE, Bytes::new());
+                    continue;
+                }
+                shared.incoming_open.fetch_add(1, Ordering::AcqRel);
+                let (state, rx) = shared.new_stream(id, true);
+                shared.lock_streams().insert(id, state.clone());
+                shared.grant_initial_stream_credit(id);
+                let pair = shared.halves(state, rx, guard);
+                // A full accept queue drops the pair, which resets and stops the stream.
+                let _ = shared.accept_tx.try_send(pair);
+            }
+            FIN | RESET => {
+                let state = shared.lock_streams().get(&id).cloned();
+                if let Some(state) = state {
+                    let item = if kind == FIN {
+                        Incoming::Fin
+                    } else {
+                        Incoming::Reset(len)
+                    };
+                    let _ = state.recv_tx.send(item);
+                }
+            }
+            STOP => {
+                let state = shared.lock_streams().get(&id).cloned();
+                if let Some(state) = state {
+                    state.send.lock().expect("stream lock poisoned").stopped = Some(len);
+                    shared.credit.notify_waiters();
+                }
+            }
+            DATAGRAM => {
+                // Best effort: a full queue, or a datagram above our own limit, drops it.
+                if payload.len() <= shared.config.max_datagram_size {
+                    let _ = shared.datagram_tx.try_send(payload);
+                }
+            }
+            PING => {}
+            GOAWAY => return CloseReason::Remote(String::from_utf8_lossy(&payload).into_owned()),
+            other => return violation(format!("unknown frame type {other}")),
+        }
+    }
+}
+
+/// Reads exactly `len` bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    let mut limited = reader.take(len as u64);
+    while buf.len() < len {
+        if limited.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+struct MuxSend {
+    shared: Arc<Shared>,
+    state: Arc<StreamState>,
+    done: bool,
+    _guard: Arc<CloseGuard>,
+}
+
+impl MuxSend {
+    /// Waits for credit and takes up to `want` bytes of it.
+    async fn acquire(&self, want: usize) -> Result<usize, StreamError> {
+        loop {
+            let notified = self.shared.credit.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.shared.close_reason() {
+                return Err(StreamError::ConnectionClosed(reason));
+            }
+            {
+                let mut flow = self.shared.lock_flow();
+                let mut send = self.state.send.lock().expect("stream lock poisoned");
+                if let Some(code) = send.stopped {
+                    return Err(StreamError::Stopped(code));
+                }
+                let available = (want as u64)
+                    .min(send.credit)
+                    .min(flow.send_credit)
+                    .min(MAX_DATA_FRAME as u64);
+                if available > 0 {
+                    send.credit -= available;
+                    flow.send_credit -= available;
+                    return Ok(available as usize);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn end(&mut self, kind: u8, code: u32) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.shared.send_frame(self.state.id, kind, code, Bytes::new());
+        self.state.send_closed.store(true, Ordering::Release);
+        self.shared.maybe_remove(&self.state);
+    }
+}
+
+#[async_trait]
+impl SendStreamImpl for MuxSend {
+    async fn write_chunk(&mut self, mut data: Bytes) -> Result<(), StreamError> {
+        if self.done {
+            return Err(StreamError::ClosedLocally);
+        }
+        while !data.is_empty() {
+            let take = self.acquire(data.len()).await?;
+            let piece = data.split_to(take);
+            self.shared.send_frame(self.state.id, DATA, take as u32, piece);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), StreamError> {
+        if self.done {
+            return Err(StreamError::ClosedLocally);
+        }
+        if let Some(reason) = self.shared.close_reason() {
+            return Err(StreamError::ConnectionClosed(reason));
+        }
+        // A reader that stopped has taken what it wanted; finishing towards it is not an error.
+        self.end(FIN, 0);
+        Ok(())
+    }
+
+    fn reset(&mut self, code: u32) {
+        self.end(RESET, code);
+    }
+}
+
+impl Drop for MuxSend {
+    fn drop(&mut self) {
+        self.end(RESET, 0);
+    }
+}
+
+struct MuxRecv {
+    shared: Arc<Shared>,
+    state: Arc<StreamState>,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    done: bool,
+    _guard: Arc<CloseGuard>,
+}
+
+impl MuxRecv {
+    fn consumed(&self, len: u64) {
+        let grant = {
+            let mut recv = self.state.recv.lock().expect("stream lock poisoned");
+            recv.unreported += len;
+            if !recv.closed && recv.unreported >= self.shared.config.stream_receive_window / 4 {
+                let grant = recv.unreported;
+                recv.unreported = 0;
+                recv.window += grant;
+                Some(grant)
+            } else {
+                None
+            }
+        };
+        if let Some(grant) = grant {
+            self.shared
+                .send_frame(self.state.id, WINDOW, grant_u32(grant), Bytes::new());
+        }
+        self.shared.return_connection_credit(len);
+    }
+
+    fn mark_closed(&mut self) {
+        self.done = true;
+        self.state.recv.lock().expect("stream lock poisoned").closed = true;
+        self.shared.maybe_remove(&self.state);
+    }
+}
+
+#[async_trait]
+impl RecvStreamImpl for MuxRecv {
+    async fn read_chunk(&mut self, _max_len: usize) -> Result<Option<Bytes>, StreamError> {
+        if self.done {
+            return Ok(None);
+        }
+        let item = tokio::select! {
+            biased;
+            item = self.rx.recv() => item,
+            reason = self.shared.wait_closed() => return Err(StreamError::ConnectionClosed(reason)),
+        };
+        match item {
+            Some(Incoming::Data(data)) => {
+                self.consumed(data.len() as u64);
+                Ok(Some(data))
+            }
+            Some(Incoming::Fin) => {
+                self.mark_closed();
+                Ok(None)
+            }
+            Some(Incoming::Reset(code)) => {
+                self.mark_closed();
+                if code == REFUSED_CODE {
+                    Err(StreamError::Refused("the remote peer has too many open streams".into()))
+                } else {
+                    Err(StreamError::Reset(code))
+                }
+            }
+            None => Err(StreamError::ConnectionClosed(
+                self.shared
+                    .close_reason()
+                    .unwrap_or(CloseReason::Lost("stream state dropped".into())),
+            )),
+        }
+    }
+
+    fn stop(&mut self, code: u32) {
+        if self.done {
+            return;
+        }
+        self.shared.send_frame(self.state.id, STOP, code, Bytes::new());
+        self.rx.close();
+        // Data already queued will never be read: return its connection credit.
+        let mut discarded = 0u64;
+        while let Ok(item) = self.rx.try_recv() {
+            if let Incoming::Data(data) = item {
+                discarded += data.len() as u64;
+            }
+        }
+        if discarded > 0 {
+            self.shared.return_connection_credit(discarded);
+        }
+        self.mark_closed();
+    }
+}
+
+impl Drop for MuxRecv {
+    fn drop(&mut self) {
+        self.stop(0);
+    }
+}

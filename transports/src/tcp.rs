@@ -1,0 +1,439 @@
+//! The TCP transport, for LANs: TCP sockets (optionally wrapped in TLS 1.3), a signed challenge–response
+//! handshake that proves both peers' keys ([`crate::handshake`]), and many concurrent streams per
+//! connection with per-stream flow control ([`crate::mux`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::address::{Address, Scheme};
+use crate::error::TransportError;
+use crate::handshake::{self, BINDING_LEN, HandshakeError, Role};
+use crate::identity::{Keypair, PeerId};
+use crate::mux::{MuxConfig, MuxConnection};
+use crate::transport::{Connection, Listener, ListenerImpl, Transport};
+
+/// ALPN protocol name of TCP connections with TLS.
+const TLS_ALPN: &[u8] = b"colony-tcp/1";
+/// TLS exporter label for the handshake's channel binding.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-colony-tcp-handshake";
+
+/// Settings of the TCP transport. The defaults suit a LAN; every limit is explicit.
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Wrap connections in TLS 1.3 (confidentiality; authentication is the signed handshake either way).
+    pub tls: bool,
+    /// Time allowed to open the socket.
+    pub connect_timeout: Duration,
+    /// Time allowed for TLS and the signed handshake.
+    pub handshake_timeout: Duration,
+    /// A keep-alive is sent after this long without sending anything.
+    pub keep_alive_interval: Duration,
+    /// The connection closes after this long without receiving anything.
+    pub idle_timeout: Duration,
+    /// Bytes the remote may send on one stream ahead of our reading.
+    pub stream_receive_window: u64,
+    /// Bytes the remote may send on the whole connection ahead of our reading.
+    pub connection_receive_window: u64,
+    /// Streams the remote may have open at once.
+    pub max_incoming_streams: usize,
+    /// Largest datagram.
+    pub max_datagram_size: usize,
+    /// Datagrams queued for the application before new ones are dropped.
+    pub datagram_queue: usize,
+    /// Authenticated connections waiting for `accept` before new ones are dropped.
+    pub accept_backlog: usize,
+    /// Handshakes in progress at once; more incoming sockets are dropped.
+    pub max_pending_handshakes: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            stream_receive_window: 16 * 1024 * 1024,
+            connection_receive_window: 64 * 1024 * 1024,
+            max_incoming_streams: 4096,
+            max_datagram_size: 16 * 1024,
+            datagram_queue: 1024,
+            accept_backlog: 128,
+            max_pending_handshakes: 256,
+        }
+    }
+}
+
+impl TcpConfig {
+    fn mux(&self) -> MuxConfig {
+        MuxConfig {
+            stream_receive_window: self.stream_receive_window,
+            connection_receive_window: self.connection_receive_window,
+            max_incoming_streams: self.max_incoming_streams,
+            max_datagram_size: self.max_datagram_size,
+            datagram_queue: self.datagram_queue,
+            keep_alive_interval: self.keep_alive_interval,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
+/// The TCP transport of one peer.
+pub struct TcpTransport {
+    keypair: Arc<Keypair>,
+    config: TcpConfig,
+}
+
+impl TcpTransport {
+    /// A TCP transport authenticating as `keypair`.
+    pub fn new(keypair: Keypair, config: TcpConfig) -> Self {
+        Self {
+            keypair: Arc::new(keypair),
+            config,
+        }
+    }
+}
+
+async fn resolve(address: &Address) -> Result<SocketAddr, TransportError> {
+    let location = address.location();
+    tokio::net::lookup_host(location)
+        .await
+        .map_err(|e| TransportError::io(format!("resolving {location}"), e))?
+        .next()
+        .ok_or_else(|| TransportError::io(format!("resolving {location}"), std::io::ErrorKind::NotFound.into()))
+}
+
+fn tcp_address(socket: SocketAddr, peer: Option<PeerId>) -> Address {
+    Address::new(Scheme::Tcp, socket.to_string(), peer).expect("a socket address is a valid tcp location")
+}
+
+#[async_trait]
+impl Transport for TcpTransport {
+    fn scheme(&self) -> Scheme {
+        Scheme::Tcp
+    }
+
+    fn local_peer(&self) -> PeerId {
+        self.keypair.peer_id()
+    }
+
+    async fn listen(&self, address: &Address) -> Result<Listener, TransportError> {
+        check_scheme(address)?;
+        let socket_address = resolve(address).await?;
+        let listener = TcpListener::bind(socket_address).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                TransportError::AddressInUse {
+                    address: address.to_string(),
+                }
+            } else {
+                TransportError::io(format!("binding {address}"), e)
+            }
+        })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| TransportError::io("reading the bound address", e))?;
+        let local = tcp_address(bound, Some(self.keypair.peer_id()));
+        let tls = if self.config.tls {
+            Some(crate::tls::server_config(&self.keypair, TLS_ALPN)?)
+        } else {
+            None
+        };
+        let (backlog_tx, backlog_rx) = mpsc::channel(self.config.accept_backlog.max(1));
+        let refused = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            self.keypair.clone(),
+            self.config.clone(),
+            tls,
+            backlog_tx,
+            refused.clone(),
+        ));
+        Ok(Listener::new(Box::new(TcpListenerHandle {
+            local,
+            backlog: backlog_rx,
+            refused,
+            task,
+        })))
+    }
+
+    async fn dial(&self, address: &Address) -> Result<Connection, TransportError> {
+        check_scheme(address)?;
+        let remote = resolve(address).await?;
+        let socket = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(remote))
+            .await
+            .map_err(|_| TransportError::io(format!("connecting to {address}"), std::io::ErrorKind::TimedOut.into()))?
+            .map_err(|e| TransportError::io(format!("connecting to {address}"), e))?;
+        let setup = connect_dialer(socket, remote, &self.keypair, &self.config, address);
+        tokio::time::timeout(self.config.handshake_timeout, setup)
+            .await
+            .map_err(|_| TransportError::HandshakeTimeout {
+                address: address.to_string(),
+                timeout: self.config.handshake_timeout,
+            })?
+    }
+}
+
+fn check_scheme(address: &Address) -> Result<(), TransportError> {
+    if address.scheme() == Scheme::Tcp {
+        Ok(())
+    } else {
+        Err(TransportError::WrongScheme {
+            transport: "tcp",
+            address: address.to_string(),
+        })
+    }
+}
+
+fn handshake_error(address: &Address, error: HandshakeError) -> TransportError {
+    match error {
+        HandshakeError::UnexpectedPeer { expected, actual } => TransportError::UnexpectedPeer {
+            address: address.to_string(),
+            expected,
+            actual,
+        },
+        other => TransportError::Authentication {
+            address: address.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+async fn connect_dialer(
+    socket: TcpStream,
+    remote: SocketAddr,
+    keypair: &Keypair,
+    config: &TcpConfig,
+    address: &Address,
+) -> Result<Connection, TransportError> {
+    socket
+        .set_nodelay(true)
+        .map_err(|e| TransportError::io("setting TCP_NODELAY", e))?;
+    let expected = address.peer();
+    let local = keypair.peer_id();
+    if config.tls {
+        let tls_config = crate::tls::client_config(keypair, None, TLS_ALPN)?;
+        let server_name = rustls::pki_types::ServerName::try_from("colony.invalid").expect("a valid DNS name");
+        let mut stream = tokio_rustls::TlsConnector::from(tls_config)
+            .connect(server_name, socket)
+            .await
+            .map_err(|e| TransportError::Tls {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?;
+        let binding = exporter(stream.get_ref().1, address)?;
+        let cert_peer = crate::tls::remote_peer_id(stream.get_ref().1.peer_certificates()).map_err(|reason| {
+            TransportError::Authentication {
+                address: address.to_string(),
+                reason,
+            }
+        })?;
+        let peer = handshake::run(&mut stream, keypair, Role::Dialer, expected, binding)
+            .await
+            .map_err(|e| handshake_error(address, e))?;
+        check_same_peer(address, cert_peer, peer)?;
+        let (reader, writer) = tokio::io::split(stream);
+        let conn = MuxConnection::start(
+            reader,
+            writer,
+            true,
+            config.mux(),
+            local,
+            peer,
+            tcp_address(remote, Some(peer)),
+        );
+        Ok(Connection::new(Arc::new(conn)))
+    } else {
+        let mut socket = socket;
+        let peer = handshake::run(&mut socket, keypair, Role::Dialer, expected, [0; BINDING_LEN])
+            .await
+            .map_err(|e| handshake_error(address, e))?;
+        let (reader, writer) = socket.into_split();
+        let conn = MuxConnection::start(
+            reader,
+            writer,
+            true,
+            config.mux(),
+            local,
+            peer,
+            tcp_address(remote, Some(peer)),
+        );
+        Ok(Connection::new(Arc::new(conn)))
+    }
+}
+
+fn exporter<D>(conn: &rustls::ConnectionCommon<D>, address: &Address) -> Result<[u8; BINDING_LEN], TransportError> {
+    conn.export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
+        .map_err(|e| TransportError::Tls {
+            address: address.to_string(),
+            reason: format!("exporter: {e}"),
+        })
+}
+
+fn check_same_peer(address: &Address, cert_peer: PeerId, handshake_peer: PeerId) -> Result<(), TransportError> {
+    if cert_peer == handshake_peer {
+        Ok(())
+    } else {
+        Err(TransportError::Authentication {
+            address: address.to_string(),
+            reason: format!("TLS certificate of peer {cert_peer} but handshake signed by peer {handshake_peer}"),
+        })
+    }
+}
+
+async fn accept_one(
+    socket: TcpStream,
+    remote: SocketAddr,
+    keypair: Arc<Keypair>,
+    config: TcpConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<Connection, TransportError> {
+    let address = tcp_address(remote, None);
+    socket
+        .set_nodelay(true)
+        .map_err(|e| TransportError::io("setting TCP_NODELAY", e))?;
+    let local = keypair.peer_id();
+    match tls {
+        Some(tls) => {
+            let mut stream =
+                tokio_rustls::TlsAcceptor::from(tls)
+                    .accept(socket)
+                    .await
+                    .map_err(|e| TransportError::Tls {
+                        address: address.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            let binding = exporter(stream.get_ref().1, &address)?;
+            let cert_peer = crate::tls::remote_peer_id(stream.get_ref().1.peer_certificates()).map_err(|reason| {
+                TransportError::Authentication {
+                    address: address.to_string(),
+                    reason,
+                }
+            })?;
+            let peer = handshake::run(&mut stream, &keypair, Role::Listener, None, binding)
+                .await
+                .map_err(|e| handshake_error(&address, e))?;
+            check_same_peer(&address, cert_peer, peer)?;
+            let (reader, writer) = tokio::io::split(stream);
+            let conn = MuxConnection::start(
+                reader,
+                writer,
+                false,
+                config.mux(),
+                local,
+                peer,
+                tcp_address(remote, Some(peer)),
+            );
+            Ok(Connection::new(Arc::new(conn)))
+        }
+        None => {
+            let mut socket = socket;
+            let peer = handshake::run(&mut socket, &keypair, Role::Listener, None, [0; BINDING_LEN])
+                .await
+                .map_err(|e| handshake_error(&address, e))?;
+            let (reader, writer) = socket.into_split();
+            let conn = MuxConnection::start(
+                reader,
+                writer,
+                false,
+                config.mux(),
+                local,
+                peer,
+                tcp_address(remote, Some(peer)),
+            );
+            Ok(Connection::new(Arc::new(conn)))
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    keypair: Arc<Keypair>,
+    config: TcpConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    backlog: mpsc::Sender<Connection>,
+    refused: Arc<AtomicU64>,
+) {
+    // Handshakes belong to this task: when the listener is dropped, the task is aborted and so are they.
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, remote)) => {
+                    if handshakes.len() >= config.max_pending_handshakes {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%remote, "dropping an incoming connection: too many handshakes in progress");
+                        continue;
+                    }
+                    let (keypair, config, tls) = (keypair.clone(), config.clone(), tls.clone());
+                    let timeout = config.handshake_timeout;
+                    handshakes.spawn(async move {
+                        let result = tokio::time::timeout(timeout, accept_one(socket, remote, keypair, config, tls)).await;
+                        (remote, result)
+                    });
+                }
+                Err(error) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "accepting a TCP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                let Ok((remote, result)) = done else { continue };
+                match result {
+                    Ok(Ok(conn)) => match backlog.try_send(conn) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(conn)) => {
+                            tracing::warn!(%remote, "dropping an authenticated connection: accept backlog is full");
+                            conn.close("accept backlog full");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    },
+                    Ok(Err(error)) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%remote, %error, "refused an incoming connection");
+                    }
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%remote, "refused an incoming connection: handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct TcpListenerHandle {
+    local: Address,
+    backlog: mpsc::Receiver<Connection>,
+    refused: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TcpListenerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[async_trait]
+impl ListenerImpl for TcpListenerHandle {
+    fn local_address(&self) -> Address {
+        self.local.clone()
+    }
+
+    async fn accept(&mut self) -> Result<Connection, TransportError> {
+        self.backlog.recv().await.ok_or(TransportError::ListenerClosed)
+    }
+
+    fn refused_handshakes(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,425 @@
+//! The conformance suite every transport must pass, and helpers shared by the transport tests.
+//!
+//! A transport test file builds two transports and a listen address, then calls these functions. Every
+//! wait is bounded; nothing synchronises on sleeps.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use colony_transports::error::{CloseReason, StreamError, TransportError};
+use colony_transports::rpc::{Router, StreamConfig, call};
+use colony_transports::wire::{FrameKind, FrameLimits, ProtocolId, WireError, encode_preamble, read_frame};
+use colony_transports::{Address, Connection, Keypair, Listener, Transport};
+
+/// Upper bound for any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Fails the test if `future` takes longer than [`WAIT`].
+pub async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future).await.unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
+}
+
+/// Polls `condition` until it holds, failing the test after [`WAIT`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    bounded(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+/// Two transports of one kind and an address the first can listen on.
+pub struct Setup {
+    pub server: Arc<dyn Transport>,
+    pub client: Arc<dyn Transport>,
+    pub listen: Address,
+}
+
+/// A listener on the server, and both ends of one connection.
+pub struct Linked {
+    pub listener: Listener,
+    pub client: Connection,
+    pub server: Connection,
+}
+
+/// Listens on the server transport, dials it from the client, and accepts.
+pub async fn link(setup: &Setup) -> Linked {
+    let mut listener = setup.server.listen(&setup.listen).await.expect("listen");
+    let address = listener.local_address();
+    assert_eq!(address.peer(), Some(setup.server.local_peer()), "the listen address names the listener");
+    let (client, server) =
+        bounded("dial and accept", async { tokio::join!(setup.client.dial(&address), listener.accept()) }).await;
+    let (client, server) = (client.expect("dial"), server.expect("accept"));
+    assert_eq!(client.remote_peer(), setup.server.local_peer());
+    assert_eq!(server.remote_peer(), setup.client.local_peer());
+    Linked { listener, client, server }
+}
+
+pub fn echo_protocol() -> ProtocolId {
+    ProtocolId::new("echo", 1).unwrap()
+}
+
+pub fn checksum_protocol() -> ProtocolId {
+    ProtocolId::new("checksum", 1).unwrap()
+}
+
+/// A router serving `echo` (returns the request and payload) and `checksum` (returns the payload's length
+/// and FNV-1a hash).
+pub fn test_router() -> Arc<Router> {
+    let mut router = Router::with_config(StreamConfig {
+        open_timeout: Duration::from_secs(5),
+        message_timeout: Duration::from_secs(20),
+        ..Default::default()
+    });
+    router.rpc(echo_protocol(), |_peer, request: String, payload: Bytes| async move { Ok((request, payload)) });
+    router.rpc(checksum_protocol(), |_peer, _request: String, payload: Bytes| async move {
+        Ok((format!("{}:{:016x}", payload.len(), fnv1a(&payload)), Bytes::new()))
+    });
+    Arc::new(router)
+}
+
+pub fn fnv1a(data: &[u8]) -> u64 {
+    // Eight bytes at a time: the 64 MiB test hashes fast enough in debug builds.
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        hash ^= u64::from_le_bytes(chunk.try_into().unwrap());
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    for &byte in chunks.remainder() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Deterministic non-trivial bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Request/response round trips, one after another and concurrently.
+pub async fn request_response(setup: Setup) {
+    let linked = link(&setup).await;
+    let serving = tokio::spawn(test_router().serve(linked.server.clone()));
+    let config = StreamConfig::default();
+    for i in 0..20 {
+        let request = format!("request {i}");
+        let (reply, payload): (String, Bytes) =
+            call(&linked.client, &echo_protocol(), &request, Bytes::from(vec![i as u8; i]), WAIT, &config)
+                .await
+                .unwrap();
+        assert_eq!(reply, request);
+        assert_eq!(payload, Bytes::from(vec![i as u8; i]));
+    }
+    let calls = (0..50).map(|i| {
+        let conn = linked.client.clone();
+        async move {
+            let request = format!("concurrent {i}");
+            let (reply, _): (String, Bytes) =
+                call(&conn, &echo_protocol(), &request, Bytes::new(), WAIT, &StreamConfig::default()).await.unwrap();
+            assert_eq!(reply, request);
+        }
+    });
+    bounded("concurrent calls", futures_join_all(calls)).await;
+    serving.abort();
+}
+
+/// A 64 MiB payload arrives intact, through a frame (at the default frame limit) and through a raw stream.
+pub async fn large_payload(setup: Setup) {
+    let linked = link(&setup).await;
+    let serving = tokio::spawn(test_router().serve(linked.server.clone()));
+    let data = Bytes::from(pattern(64 << 20, 7));
+    let expected = format!("{}:{:016x}", data.len(), fnv1a(&data));
+    let (reply, _): (String, Bytes) =
+        call(&linked.client, &checksum_protocol(), &String::new(), data.clone(), WAIT, &StreamConfig::default())
+            .await
+            .unwrap();
+    assert_eq!(reply, expected);
+    serving.abort();
+
+    // Raw stream, written in 1 MiB chunks, read back in whatever chunks arrive.
+    let receiver = {
+        let server = linked.server.clone();
+        tokio::spawn(async move {
+            let (_send, mut recv) = server.accept_stream().await.unwrap();
+            recv.read_to_end(128 << 20).await.unwrap()
+        })
+    };
+    let (mut send, _recv) = linked.client.open_stream().await.unwrap();
+    for chunk in data.chunks(1 << 20) {
+        send.write_chunk(data.slice_ref(chunk)).await.unwrap();
+    }
+    send.finish().await.unwrap();
+    let received = bounded("64 MiB on a raw stream", receiver).await.unwrap();
+    assert_eq!(received.len(), data.len());
+    assert!(received == data, "payload differs");
+}
+
+/// 1,000 streams open at once on one connection, each echoed.
+pub async fn many_concurrent_streams(setup: Setup) {
+    let linked = link(&setup).await;
+    let serving = tokio::spawn(test_router().serve(linked.server.clone()));
+    // Open every stream before any response is read, so that all 1,000 are open together.
+    let mut opened = Vec::new();
+    for i in 0..1000u32 {
+        let (mut send, recv) =
+            colony_transports::rpc::open::<String>(&linked.client, &echo_protocol(), &StreamConfig::default())
+                .await
+                .unwrap();
+        send.send(&format!("stream {i}"), Bytes::from(i.to_le_bytes().to_vec())).await.unwrap();
+        opened.push((i, send, recv));
+    }
+    let checks = opened.into_iter().map(|(i, mut send, mut recv)| async move {
+        send.finish().await.unwrap();
+        let (reply, payload) = recv.recv_required("echo").await.unwrap();
+        assert_eq!(reply, format!("stream {i}"));
+        assert_eq!(&payload[..], &i.to_le_bytes());
+    });
+    bounded("1,000 concurrent streams", futures_join_all(checks)).await;
+    serving.abort();
+}
+
+/// Datagrams both ways; oversized ones are refused with an error naming the limit.
+pub async fn datagrams(setup: Setup) {
+    let linked = link(&setup).await;
+    let limit = linked.client.max_datagram_size().expect("datagrams are supported");
+    assert!(limit >= 1000, "limit {limit}");
+    for (from, to) in [(&linked.client, &linked.server), (&linked.server, &linked.client)] {
+        let message = Bytes::from(pattern(1000, 3));
+        // Best effort: send until one arrives, then check its contents.
+        let received = bounded("a datagram", async {
+            loop {
+                from.send_datagram(message.clone()).unwrap();
+                if let Ok(datagram) = tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await {
+                    break datagram.unwrap();
+                }
+            }
+        })
+        .await;
+        assert_eq!(received, message);
+    }
+    let err = linked.client.send_datagram(Bytes::from(vec![0; limit + 1])).unwrap_err();
+    assert!(matches!(err, StreamError::DatagramTooLarge { .. }), "{err}");
+}
+
+/// Closing is seen by both sides, with the reason, and pending reads and writes fail instead of hanging.
+pub async fn close_is_observed(setup: Setup) {
+    let linked = link(&setup).await;
+    let (mut client_send, mut client_recv) = linked.client.open_stream().await.unwrap();
+    client_send.write_all(b"hello").await.unwrap();
+    let (mut server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
+    let mut hello = [0u8; 5];
+    server_recv.read_exact(&mut hello).await.unwrap();
+
+    // A read that waits for data that never comes, and a write that waits for credit that never comes.
+    let pending_read = tokio::spawn(async move { client_recv.read_chunk(1024).await });
+    let pending_write = tokio::spawn(async move {
+        let block = Bytes::from(vec![0u8; 1 << 20]);
+        loop {
+            server_send.write_chunk(block.clone()).await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), StreamError>(())
+    });
+    let accept_pending = {
+        let server = linked.server.clone();
+        tokio::spawn(async move { server.accept_stream().await.map(|_| ()) })
+    };
+    tokio::task::yield_now().await;
+
+    linked.client.close("test is over");
+    let local = bounded("local close", linked.client.closed()).await;
+    assert!(matches!(local, CloseReason::Local(ref reason) if reason == "test is over"), "{local:?}");
+    let remote = bounded("remote close", linked.server.closed()).await;
+    assert!(
+        matches!(remote, CloseReason::Remote(ref reason) if reason == "test is over")
+            || matches!(remote, CloseReason::Lost(_)),
+        "{remote:?}"
+    );
+    assert!(bounded("pending read", pending_read).await.unwrap().is_err());
+    assert!(bounded("pending write", pending_write).await.unwrap().is_err());
+    assert!(bounded("pending accept", accept_pending).await.unwrap().is_err());
+    assert!(linked.client.open_stream().await.is_err());
+    assert!(linked.server.close_reason().is_some());
+}
+
+/// Dropping every handle closes the connection for the other side too.
+pub async fn drop_closes(setup: Setup) {
+    let linked = link(&setup).await;
+    let server = linked.server.clone();
+    drop(linked.client);
+    bounded("remote sees the drop", server.closed()).await;
+}
+
+/// A dialer requiring another peer id is refused with an authentication error naming both.
+pub async fn wrong_expected_peer(setup: Setup) {
+    let listener = setup.server.listen(&setup.listen).await.unwrap();
+    let stranger = Keypair::generate().peer_id();
+    let address = listener.local_address().without_peer().with_peer(stranger);
+    let err = bounded("dial", setup.client.dial(&address)).await.unwrap_err();
+    match err {
+        TransportError::UnexpectedPeer { expected, actual, .. } => {
+            assert_eq!(expected, stranger);
+            assert_eq!(actual, setup.server.local_peer());
+        }
+        other => panic!("expected UnexpectedPeer, got {other}"),
+    }
+}
+
+/// Opens a raw stream, writes `bytes`, and returns the error the router sends back. Meanwhile a healthy
+/// call on another stream of the same connection must succeed, and the connection stays open.
+pub async fn bad_stream(linked: &Linked, bytes: Vec<u8>, finish: bool) -> String {
+    let (mut send, mut recv) = linked.client.open_stream().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    if finish {
+        send.finish().await.unwrap();
+    }
+    let frame = bounded("the error frame", read_frame(&mut recv, &FrameLimits::default())).await;
+    let message = match frame.map(|f| f.map(|f| f.into_result())) {
+        Ok(Some(Err(WireError::Remote(message)))) => message,
+        other => panic!("expected an error frame, got {other:?}"),
+    };
+    let (reply, _): (String, Bytes) = call(
+        &linked.client,
+        &echo_protocol(),
+        &"still serving".to_string(),
+        Bytes::new(),
+        WAIT,
+        &StreamConfig::default(),
+    )
+    .await
+    .expect("other streams keep working");
+    assert_eq!(reply, "still serving");
+    assert!(linked.client.close_reason().is_none(), "the connection stays open");
+    message
+}
+
+/// Bytes of an open frame for `protocol`.
+pub fn open_frame(protocol: &str) -> Vec<u8> {
+    let header = colony_transports::wire::WireMessage::encode(&colony_transports::wire::OpenHeader {
+        protocol: protocol.to_owned(),
+    })
+    .unwrap();
+    let mut out = encode_preamble(FrameKind::Open, header.len() as u32, 0).to_vec();
+    out.extend_from_slice(&header);
+    out
+}
+
+/// Each kind of bad input closes only its own stream, with an error saying what was wrong.
+pub async fn bad_input(setup: Setup) {
+    let linked = link(&setup).await;
+    let router = test_router();
+    let stats = router.stats();
+    let serving = tokio::spawn(router.serve(linked.server.clone()));
+
+    let random = pattern(4096, 99);
+    let message = bad_stream(&linked, random, true).await;
+    assert!(!message.is_empty());
+
+    let mut truncated = open_frame("/colony/echo/1");
+    truncated.truncate(truncated.len() - 3);
+    let message = bad_stream(&linked, truncated, true).await;
+    assert!(message.contains("ended after"), "{message}");
+
+    let mut huge = encode_preamble(FrameKind::Open, 0, 0).to_vec();
+    huge[0..8].copy_from_slice(&(4u64 << 30).to_le_bytes());
+    let message = bad_stream(&linked, huge, false).await;
+    assert!(message.contains("4294967296 bytes exceeds the limit"), "{message}");
+
+    let mut invalid_rkyv = encode_preamble(FrameKind::Open, 8, 0).to_vec();
+    invalid_rkyv.extend_from_slice(&[0xc3, 0x28, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    let message = bad_stream(&linked, invalid_rkyv, false).await;
+    assert!(message.contains("invalid") && message.contains("OpenHeader"), "{message}");
+
+    let message = bad_stream(&linked, open_frame("/colony/no-such-protocol/1"), false).await;
+    assert!(
+        message.contains("unknown protocol /colony/no-such-protocol/1") && message.contains("/colony/echo/1"),
+        "{message}"
+    );
+
+    let message = bad_stream(&linked, open_frame("/colony/echo/2"), false).await;
+    assert!(message.contains("offered version 2") && message.contains("supports version 1"), "{message}");
+
+    let mut wrong_wire = open_frame("/colony/echo/1");
+    wrong_wire[8] = 42;
+    let message = bad_stream(&linked, wrong_wire, false).await;
+    assert!(message.contains("wire version 42"), "{message}");
+
+    let message = bad_stream(&linked, open_frame("not a protocol id"), false).await;
+    assert!(message.contains("invalid protocol id"), "{message}");
+
+    assert!(stats.streams_failed.load(std::sync::atomic::Ordering::Relaxed) >= 8);
+    serving.abort();
+}
+
+/// Awaits all futures concurrently (a tiny `join_all`, to keep the dependency list short).
+pub async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(futures: impl IntoIterator<Item = F>) {
+    let mut set = tokio::task::JoinSet::new();
+    for future in futures {
+        set.spawn(future);
+    }
+    while let Some(result) = set.join_next().await {
+        result.expect("task panicked");
+    }
+}
+
+/// Declares the conformance suite as tests, for a function `fn() -> Setup`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($setup:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn request_response() {
+            support::request_response($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn large_payload() {
+            support::large_payload($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn many_concurrent_streams() {
+            support::many_concurrent_streams($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn datagrams() {
+            support::datagrams($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn close_is_observed() {
+            support::close_is_observed($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn drop_closes() {
+            support::drop_closes($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn wrong_expected_peer() {
+            support::wrong_expected_peer($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn bad_input() {
+            support::bad_input($setup()).await
+        }
+    };
+}
