@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Buf;
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::address::Address;
@@ -435,8 +436,10 @@ async fn run_writer<W: AsyncWrite + Unpin>(shared: Arc<Shared>, out: mpsc::Unbou
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(shared: &Arc<Shared>, mut out: mpsc::UnboundedReceiver<Out>, writer: W) {
-    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+async fn write_loop<W: AsyncWrite + Unpin>(shared: &Arc<Shared>, mut out: mpsc::UnboundedReceiver<Out>, mut writer: W) {
+    // Small frames gather in `pending` and go out in one write; a large payload goes out with the pending
+    // bytes in one vectored write, straight from the application's buffer.
+    let mut pending = BytesMut::with_capacity(64 * 1024);
     let keep_alive = shared.config.keep_alive_interval;
     let result: std::io::Result<()> = async {
         loop {
@@ -449,17 +452,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: &Arc<Shared>, mut out: mpsc::
             while let Some(item) = next.take() {
                 match item {
                     Out::Frame(head, payload) => {
-                        writer.write_all(&head).await?;
-                        if !payload.is_empty() {
-                            writer.write_all(&payload).await?;
+                        pending.extend_from_slice(&head);
+                        if payload.len() <= SMALL_PAYLOAD {
+                            pending.extend_from_slice(&payload);
+                        } else {
+                            write_all_vectored(&mut writer, &pending, &payload).await?;
+                            pending.clear();
                         }
                     }
                     Out::Shutdown => {
+                        writer.write_all(&pending).await?;
                         writer.flush().await?;
                         return writer.shutdown().await;
                     }
                 }
+                if pending.len() >= 64 * 1024 {
+                    writer.write_all(&pending).await?;
+                    pending.clear();
+                }
                 next = out.try_recv().ok();
+            }
+            if !pending.is_empty() {
+                writer.write_all(&pending).await?;
+                pending.clear();
             }
             writer.flush().await?;
         }
@@ -470,8 +485,31 @@ async fn write_loop<W: AsyncWrite + Unpin>(shared: &Arc<Shared>, mut out: mpsc::
     }
 }
 
+/// Payloads up to this size are copied into the pending buffer; larger ones are written from where they are.
+const SMALL_PAYLOAD: usize = 16 * 1024;
+
+/// Writes `first` then `second` completely, with vectored writes where the writer supports them.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, first: &[u8], second: &[u8]) -> std::io::Result<()> {
+    let (mut first, mut second) = (first, second);
+    while !first.is_empty() || !second.is_empty() {
+        let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
+        let written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_first = written.min(first.len());
+        first = &first[from_first..];
+        second = &second[written - from_first..];
+    }
+    Ok(())
+}
+
 async fn run_reader<R: AsyncRead + Unpin>(shared: Arc<Shared>, reader: R, remote_is_dialer: bool) {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut reader = FrameReader {
+        reader,
+        buf: BytesMut::new(),
+        idle: shared.config.idle_timeout,
+    };
     let mut closed = shared.close.subscribe();
     let reason = tokio::select! {
         reason = read_loop(&shared, &mut reader, remote_is_dialer) => reason,
@@ -481,21 +519,21 @@ async fn run_reader<R: AsyncRead + Unpin>(shared: Arc<Shared>, reader: R, remote
 }
 
 /// Reads and dispatches frames until the connection must close; returns why.
-async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: &mut R, remote_is_dialer: bool) -> CloseReason {
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    reader: &mut FrameReader<R>,
+    remote_is_dialer: bool,
+) -> CloseReason {
     // A violation closes with a local reason so that the remote learns it in GOAWAY.
     let violation = |what: String| CloseReason::Local(format!("protocol violation by the remote peer: {what}"));
-    let idle = shared.config.idle_timeout;
     let mut last_remote_id = 0u32;
     loop {
-        let mut head = [0u8; HEADER_LEN];
-        match tokio::time::timeout(idle, reader.read_exact(&mut head)).await {
-            Err(_) => return CloseReason::IdleTimeout,
-            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return CloseReason::Lost("the remote peer closed the socket".into());
-            }
-            Ok(Err(error)) => return CloseReason::Lost(format!("read failed: {error}")),
-            Ok(Ok(_)) => {}
+        if let Err(reason) = reader.fill_to(HEADER_LEN).await {
+            return reason;
         }
+        let head: [u8; HEADER_LEN] = reader.buf[..HEADER_LEN]
+            .try_into()
+            .expect("HEADER_LEN bytes are buffered");
         let id = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
         let kind = head[4];
         let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
@@ -513,12 +551,13 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: &mut R, r
                     "frame type {kind} of {len} bytes exceeds the limit of {payload_limit}"
                 ));
             }
-            match tokio::time::timeout(idle, read_payload(reader, len as usize)).await {
-                Ok(Ok(payload)) => payload,
-                Ok(Err(error)) => return CloseReason::Lost(format!("read failed: {error}")),
-                Err(_) => return CloseReason::IdleTimeout,
+            if let Err(reason) = reader.fill_to(HEADER_LEN + len as usize).await {
+                return reason;
             }
+            reader.buf.advance(HEADER_LEN);
+            reader.buf.split_to(len as usize).freeze()
         } else {
+            reader.buf.advance(HEADER_LEN);
             Bytes::new()
         };
         match kind {
@@ -617,16 +656,35 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Arc<Shared>, reader: &mut R, r
     }
 }
 
-/// Reads exactly `len` bytes into a fresh buffer without zero-filling it first.
-async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(len);
-    let mut limited = reader.take(len as u64);
-    while buf.len() < len {
-        if limited.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+/// Size of the receive buffer. Frames are read into it and payloads split off without copying; once the
+/// application has dropped them, the same memory is reused (no allocation or page faults per frame).
+const RECV_BUFFER: usize = 4 << 20;
+
+/// Reads frames into one reusable buffer: a single copy from the socket, payloads handed out uncopied.
+struct FrameReader<R> {
+    reader: R,
+    buf: BytesMut,
+    idle: Duration,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads until at least `needed` bytes are buffered.
+    async fn fill_to(&mut self, needed: usize) -> Result<(), CloseReason> {
+        if self.buf.len() >= needed {
+            return Ok(());
         }
+        // Reclaims the buffer when the application has released earlier payloads, else allocates a new one.
+        self.buf.reserve(RECV_BUFFER.max(needed) - self.buf.len());
+        while self.buf.len() < needed {
+            match tokio::time::timeout(self.idle, self.reader.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(CloseReason::IdleTimeout),
+                Ok(Err(error)) => return Err(CloseReason::Lost(format!("read failed: {error}"))),
+                Ok(Ok(0)) => return Err(CloseReason::Lost("the remote peer closed the socket".into())),
+                Ok(Ok(_)) => {}
+            }
+        }
+        Ok(())
     }
-    Ok(buf.freeze())
 }
 
 struct MuxSend {

@@ -94,6 +94,10 @@ pub struct QuicConfig {
     /// Incoming handshakes in progress at once per listener; further connection attempts are refused (and
     /// counted). Default 1024.
     pub max_concurrent_handshakes: usize,
+    /// Requested size in bytes of each UDP socket's send and receive buffers, so that bursts at full
+    /// window are not dropped by the kernel before QUIC reads them. The operating system may cap it (on
+    /// Linux at `net.core.rmem_max` / `wmem_max`); 0 keeps the system default. Default 4 MiB.
+    pub socket_buffer_size: usize,
 }
 
 impl Default for QuicConfig {
@@ -109,6 +113,7 @@ impl Default for QuicConfig {
             datagram_receive_buffer: 1 << 20,
             accept_backlog: 1024,
             max_concurrent_handshakes: 1024,
+            socket_buffer_size: 4 << 20,
         }
     }
 }
@@ -203,6 +208,22 @@ async fn resolve(address: &Address) -> Result<Vec<SocketAddr>, TransportError> {
     Ok(resolved)
 }
 
+/// Binds a UDP socket at `address` and asks for `buffer_size` bytes of kernel buffers (best effort: the
+/// system may cap or refuse it, which only costs throughput).
+fn bind_udp(address: SocketAddr, buffer_size: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    if buffer_size > 0 {
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        let sizes = state
+            .set_recv_buffer_size((&socket).into(), buffer_size)
+            .and_then(|()| state.set_send_buffer_size((&socket).into(), buffer_size));
+        if let Err(error) = sizes {
+            tracing::debug!(%address, buffer_size, %error, "could not resize the UDP socket buffers");
+        }
+    }
+    Ok(socket)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The guarded data stays consistent across a panic (plain pushes and removals), so poisoning is ignored.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -229,7 +250,7 @@ impl TransportInner {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let socket = std::net::UdpSocket::bind(bind)
+        let socket = bind_udp(bind, self.config.socket_buffer_size)
             .map_err(|e| TransportError::io(format!("binding a UDP socket at {bind} for dialing"), e))?;
         let endpoint = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
             .map_err(|e| TransportError::io(format!("starting a QUIC endpoint at {bind}"), e))?;
@@ -357,7 +378,7 @@ impl Transport for QuicTransport {
     async fn listen(&self, address: &Address) -> Result<Listener, TransportError> {
         check_scheme(address)?;
         let bind = resolve(address).await?[0];
-        let socket = std::net::UdpSocket::bind(bind).map_err(|e| match e.kind() {
+        let socket = bind_udp(bind, self.inner.config.socket_buffer_size).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => TransportError::AddressInUse {
                 address: address.to_string(),
             },

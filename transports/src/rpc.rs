@@ -303,24 +303,22 @@ impl Router {
 
     /// Serves every stream the remote opens on `conn` until the connection closes. Handler tasks belong to
     /// this future: dropping it cancels them.
-    pub fn serve(self: Arc<Self>, conn: Connection) -> impl Future<Output = ()> + Send + 'static {
-        async move {
-            let mut tasks = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = conn.accept_stream() => match accepted {
-                        Ok((send, recv)) => {
-                            let router = self.clone();
-                            let peer = conn.remote_peer();
-                            tasks.spawn(async move { router.handle_stream(peer, send, recv).await });
-                        }
-                        Err(_) => break,
-                    },
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                }
+    pub async fn serve(self: Arc<Self>, conn: Connection) {
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = conn.accept_stream() => match accepted {
+                    Ok((send, recv)) => {
+                        let router = self.clone();
+                        let peer = conn.remote_peer();
+                        tasks.spawn(async move { router.handle_stream(peer, send, recv).await });
+                    }
+                    Err(_) => break,
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
-            tasks.shutdown().await;
         }
+        tasks.shutdown().await;
     }
 
     async fn handle_stream(&self, peer: PeerId, send: SendStream, mut recv: RecvStream) {

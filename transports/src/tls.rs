@@ -360,7 +360,10 @@ mod tests {
             let keypair = Keypair::from_seed(seed);
             let (cert, key) = certificate(&keypair).unwrap();
             assert_eq!(peer_id_from_certificate(&cert).unwrap(), keypair.peer_id());
-            assert_eq!(remote_peer_id(Some(&[cert.clone()])).unwrap(), keypair.peer_id());
+            assert_eq!(
+                remote_peer_id(Some(std::slice::from_ref(&cert))).unwrap(),
+                keypair.peer_id()
+            );
             assert_eq!(key.secret_der(), keypair.to_pkcs8_der().as_slice());
         }
         let random = Keypair::generate();
@@ -457,7 +460,7 @@ mod tests {
             algorithms,
         };
         let err = verifier
-            .verify_server_cert(&cert, &[cert.clone()], &name, &[], UnixTime::now())
+            .verify_server_cert(&cert, std::slice::from_ref(&cert), &name, &[], UnixTime::now())
             .unwrap_err();
         assert!(err.to_string().contains("chain of 2 certificates"), "{err}");
     }

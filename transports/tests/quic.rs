@@ -34,11 +34,17 @@ fn loopback() -> Address {
 }
 
 fn setup() -> Setup {
-    Setup { server: transport(), client: transport(), listen: loopback() }
+    Setup {
+        server: transport(),
+        client: transport(),
+        listen: loopback(),
+    }
 }
 
-// The conformance suite, test by test. `support::datagrams` is replaced by `datagrams` below: it reads the
-// datagram limit once at the start, but QUIC's path MTU discovery may raise the limit while the test runs.
+// The conformance suite, test by test, except two replaced below: `support::datagrams` reads the datagram
+// limit once at the start, but QUIC's path MTU discovery may raise it while the test runs; and in
+// `support::close_is_observed` the "pending" read is on the stream the other side keeps writing to, so over
+// a real network it returns data before the close arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response() {
     support::request_response(setup()).await
@@ -52,11 +58,6 @@ async fn large_payload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_streams() {
     support::many_concurrent_streams(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_is_observed() {
-    support::close_is_observed(setup()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,12 +96,89 @@ async fn datagrams() {
     }
 }
 
+/// Closing is seen by both sides with the reason, and reads and writes pending on either side fail with it
+/// instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_observed() {
+    let linked = support::link(&setup()).await;
+    let (mut client_send, mut client_recv) = linked.client.open_stream().await.unwrap();
+    client_send.write_all(b"hello").await.unwrap();
+    let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
+    let mut hello = [0u8; 5];
+    bounded("hello", server_recv.read_exact(&mut hello)).await.unwrap();
+
+    // Reads that wait for data nobody sends, and writes (on streams of their own, which nobody reads) that
+    // end up waiting for flow-control credit.
+    let client_read = tokio::spawn(async move { client_recv.read_chunk(1024).await });
+    let server_read = tokio::spawn(async move { server_recv.read_chunk(1024).await });
+    let (client_write, server_write) = (
+        tokio::spawn(write_until_error(linked.client.clone())),
+        tokio::spawn(write_until_error(linked.server.clone())),
+    );
+    let (client_accept, server_accept) = {
+        let (client, server) = (linked.client.clone(), linked.server.clone());
+        // Each side opens one stream (the writer's), so the second accept on each side waits.
+        (
+            tokio::spawn(async move {
+                let _first = client.accept_stream().await?;
+                client.accept_stream().await.map(|_| ())
+            }),
+            tokio::spawn(async move {
+                let _first = server.accept_stream().await?;
+                server.accept_stream().await.map(|_| ())
+            }),
+        )
+    };
+    tokio::task::yield_now().await;
+
+    linked.client.close("test is over");
+    let local = CloseReason::Local("test is over".into());
+    let remote = CloseReason::Remote("test is over".into());
+    assert_eq!(bounded("local close", linked.client.closed()).await, local);
+    assert_eq!(bounded("remote close", linked.server.closed()).await, remote);
+    assert_eq!(linked.client.close_reason(), Some(local.clone()));
+    assert_eq!(linked.server.close_reason(), Some(remote.clone()));
+    let closed = |reason: &CloseReason| StreamError::ConnectionClosed(reason.clone());
+    assert_eq!(bounded("client read", client_read).await.unwrap(), Err(closed(&local)));
+    assert_eq!(bounded("server read", server_read).await.unwrap(), Err(closed(&remote)));
+    assert_eq!(bounded("client write", client_write).await.unwrap(), closed(&local));
+    assert_eq!(bounded("server write", server_write).await.unwrap(), closed(&remote));
+    assert_eq!(
+        bounded("client accept", client_accept).await.unwrap(),
+        Err(closed(&local))
+    );
+    assert_eq!(
+        bounded("server accept", server_accept).await.unwrap(),
+        Err(closed(&remote))
+    );
+    assert_eq!(linked.client.open_stream().await.err(), Some(closed(&local)));
+    assert_eq!(linked.server.open_stream().await.err(), Some(closed(&remote)));
+    assert_eq!(client_send.write_all(b"late").await, Err(closed(&local)));
+}
+
+/// Opens a stream on `conn` and writes to it until that fails; returns the error.
+async fn write_until_error(conn: Connection) -> StreamError {
+    let mut send = match conn.open_stream().await {
+        Ok((send, _recv)) => send,
+        Err(err) => return err,
+    };
+    let block = Bytes::from(vec![0u8; 1 << 20]);
+    loop {
+        if let Err(err) = send.write_chunk(block.clone()).await {
+            return err;
+        }
+    }
+}
+
 /// Sends `message` until it arrives (datagrams are best effort) and returns what arrived.
 async fn exchange_datagram(from: &Connection, to: &Connection, message: &Bytes) -> Bytes {
     bounded("a datagram", async {
         loop {
             from.send_datagram(message.clone()).unwrap();
-            if let Ok(datagram) = tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await {
+            // A copy resent earlier may arrive late; only this message counts.
+            if let Ok(datagram) = tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
+                && datagram.as_ref() == Ok(message)
+            {
                 break datagram.unwrap();
             }
         }
@@ -121,8 +199,10 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 /// Dials `listener` from `dialer` and accepts the connection there: (dialed end, accepted end).
 async fn dial_and_accept(dialer: &dyn Transport, listener: &mut Listener) -> (Connection, Connection) {
     let address = listener.local_address();
-    let (dialed, accepted) =
-        bounded("dial and accept", async { tokio::join!(dialer.dial(&address), listener.accept()) }).await;
+    let (dialed, accepted) = bounded("dial and accept", async {
+        tokio::join!(dialer.dial(&address), listener.accept())
+    })
+    .await;
     (dialed.expect("dial"), accepted.expect("accept"))
 }
 
@@ -169,9 +249,11 @@ fn raw_server(certified: CertifiedKey) -> (SocketAddr, quinn::Endpoint, tokio::t
         .with_cert_resolver(Arc::new(FixedCert(Arc::new(certified))));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).unwrap();
-    let endpoint =
-        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), "127.0.0.1:0".parse().unwrap())
-            .unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
     let address = endpoint.local_addr().unwrap();
     let accepting = endpoint.clone();
     let task = tokio::spawn(async move {
@@ -195,14 +277,24 @@ async fn listener_reports_the_bound_port_and_its_peer() {
     let bound = socket_address(&address);
     assert_eq!(bound.ip().to_string(), "127.0.0.1");
     assert_ne!(bound.port(), 0);
-    assert_eq!(address.to_string(), format!("quic://127.0.0.1:{}/p/{}", bound.port(), keypair.peer_id()));
+    assert_eq!(
+        address.to_string(),
+        format!("quic://127.0.0.1:{}/p/{}", bound.port(), keypair.peer_id())
+    );
 
     // The port is taken now.
-    let err = server.listen(&address.clone().without_peer()).await.err().expect("second listen on one port");
+    let err = server
+        .listen(&address.clone().without_peer())
+        .await
+        .err()
+        .expect("second listen on one port");
     assert!(matches!(err, TransportError::AddressInUse { .. }), "{err}");
     // Other schemes are not QUIC's.
     let err = server.dial(&"tcp://127.0.0.1:1".parse().unwrap()).await.unwrap_err();
-    assert!(matches!(err, TransportError::WrongScheme { transport: "quic", .. }), "{err}");
+    assert!(
+        matches!(err, TransportError::WrongScheme { transport: "quic", .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,15 +311,22 @@ async fn handlers_see_the_proven_peer() {
 
     let whoami = ProtocolId::new("whoami", 1).unwrap();
     let mut router = Router::default();
-    router.rpc(whoami.clone(), |peer: PeerId, greeting: String, payload: Bytes| async move {
-        Ok((format!("{greeting} {peer}"), payload))
-    });
+    router.rpc(
+        whoami.clone(),
+        |peer: PeerId, greeting: String, payload: Bytes| async move { Ok((format!("{greeting} {peer}"), payload)) },
+    );
     let serving = tokio::spawn(Arc::new(router).serve(accepted));
     let payload = Bytes::from_static(b"payload bytes");
-    let (reply, echoed): (String, Bytes) =
-        call(&dialed, &whoami, &"hello".to_string(), payload.clone(), support::WAIT, &StreamConfig::default())
-            .await
-            .unwrap();
+    let (reply, echoed): (String, Bytes) = call(
+        &dialed,
+        &whoami,
+        &"hello".to_string(),
+        payload.clone(),
+        support::WAIT,
+        &StreamConfig::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply, format!("hello {}", client.local_peer()));
     assert_eq!(echoed, payload);
     serving.abort();
@@ -242,7 +341,9 @@ async fn stream_resets_and_stops_carry_their_codes() {
     send.write_all(b"partial").await.unwrap();
     let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
     drop(send);
-    let err = bounded("read after drop", server_recv.read_to_end(1 << 20)).await.unwrap_err();
+    let err = bounded("read after drop", server_recv.read_to_end(1 << 20))
+        .await
+        .unwrap_err();
     assert_eq!(err, StreamError::Reset(0));
 
     // An explicit reset carries its code.
@@ -250,7 +351,9 @@ async fn stream_resets_and_stops_carry_their_codes() {
     send.write_all(b"x").await.unwrap();
     let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
     send.reset(7);
-    let err = bounded("read after reset", server_recv.read_to_end(1 << 20)).await.unwrap_err();
+    let err = bounded("read after reset", server_recv.read_to_end(1 << 20))
+        .await
+        .unwrap_err();
     assert_eq!(err, StreamError::Reset(7));
     assert_eq!(send.write_all(b"more").await.unwrap_err(), StreamError::ClosedLocally);
 
@@ -276,7 +379,10 @@ async fn stream_resets_and_stops_carry_their_codes() {
     send.finish().await.unwrap();
     assert_eq!(send.finish().await.unwrap_err(), StreamError::ClosedLocally);
     let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
-    assert_eq!(bounded("read", server_recv.read_to_end(1 << 20)).await.unwrap(), b"complete");
+    assert_eq!(
+        bounded("read", server_recv.read_to_end(1 << 20)).await.unwrap(),
+        b"complete"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,13 +397,26 @@ async fn remote_close_reason_and_local_close_reason() {
         bounded("server closed", linked.server.closed()).await,
         CloseReason::Local("server shutting down".into())
     );
-    assert_eq!(linked.client.close_reason(), Some(CloseReason::Remote("server shutting down".into())));
+    assert_eq!(
+        linked.client.close_reason(),
+        Some(CloseReason::Remote("server shutting down".into()))
+    );
     // Closing again does not change what happened.
     linked.client.close("too late");
-    assert_eq!(linked.client.close_reason(), Some(CloseReason::Remote("server shutting down".into())));
+    assert_eq!(
+        linked.client.close_reason(),
+        Some(CloseReason::Remote("server shutting down".into()))
+    );
     let err = linked.client.send_datagram(Bytes::from_static(b"x")).unwrap_err();
-    assert_eq!(err, StreamError::ConnectionClosed(CloseReason::Remote("server shutting down".into())));
-    assert!(bounded("accept after close", linked.client.accept_stream()).await.is_err());
+    assert_eq!(
+        err,
+        StreamError::ConnectionClosed(CloseReason::Remote("server shutting down".into()))
+    );
+    assert!(
+        bounded("accept after close", linked.client.accept_stream())
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,23 +426,37 @@ async fn idle_connections_time_out() {
         keep_alive_interval: Duration::ZERO,
         ..QuicConfig::default()
     };
-    let setup = Setup { server: transport_with(config.clone()), client: transport_with(config), listen: loopback() };
+    let setup = Setup {
+        server: transport_with(config.clone()),
+        client: transport_with(config),
+        listen: loopback(),
+    };
     let linked = support::link(&setup).await;
-    assert_eq!(bounded("client idles out", linked.client.closed()).await, CloseReason::IdleTimeout);
-    assert_eq!(bounded("server idles out", linked.server.closed()).await, CloseReason::IdleTimeout);
+    assert_eq!(
+        bounded("client idles out", linked.client.closed()).await,
+        CloseReason::IdleTimeout
+    );
+    assert_eq!(
+        bounded("server idles out", linked.server.closed()).await,
+        CloseReason::IdleTimeout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alives_hold_an_idle_connection_open() {
     let config = QuicConfig {
-        idle_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(1000),
         keep_alive_interval: Duration::from_millis(100),
         ..QuicConfig::default()
     };
-    let setup = Setup { server: transport_with(config.clone()), client: transport_with(config), listen: loopback() };
+    let setup = Setup {
+        server: transport_with(config.clone()),
+        client: transport_with(config),
+        listen: loopback(),
+    };
     let linked = support::link(&setup).await;
     // Several idle timeouts pass without traffic from the application.
-    let outcome = tokio::time::timeout(Duration::from_millis(1500), linked.client.closed()).await;
+    let outcome = tokio::time::timeout(Duration::from_millis(3000), linked.client.closed()).await;
     assert!(outcome.is_err(), "closed while idle despite keep-alives: {outcome:?}");
     assert!(linked.server.close_reason().is_none());
 }
@@ -332,14 +465,19 @@ async fn keep_alives_hold_an_idle_connection_open() {
 async fn a_server_certificate_that_is_not_ed25519_is_refused() {
     // rcgen's default key: ECDSA P-256, signing with ECDSA. Our dialer offers only ed25519 signatures.
     let ecdsa = rcgen::KeyPair::generate().unwrap();
-    let ecdsa_cert = rcgen::CertificateParams::new(vec!["colony".to_string()]).unwrap().self_signed(&ecdsa).unwrap();
+    let ecdsa_cert = rcgen::CertificateParams::new(vec!["colony".to_string()])
+        .unwrap()
+        .self_signed(&ecdsa)
+        .unwrap();
     let signer = rustls::crypto::ring::sign::any_ecdsa_type(&rustls::pki_types::PrivateKeyDer::Pkcs8(
         PrivatePkcs8KeyDer::from(ecdsa.serialize_der()),
     ))
     .unwrap();
     let (address, _endpoint, serving) = raw_server(CertifiedKey::new(vec![ecdsa_cert.der().clone()], signer));
     let client = transport();
-    let err = bounded("dial", client.dial(&format!("quic://{address}").parse().unwrap())).await.unwrap_err();
+    let err = bounded("dial", client.dial(&format!("quic://{address}").parse().unwrap()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::Authentication { .. }), "{err}");
     serving.abort();
 
@@ -347,7 +485,9 @@ async fn a_server_certificate_that_is_not_ed25519_is_refused() {
     // itself refuses it.
     let signer = ed25519_signer(&Keypair::generate());
     let (address, _endpoint, serving) = raw_server(CertifiedKey::new(vec![ecdsa_cert.der().clone()], signer));
-    let err = bounded("dial", client.dial(&format!("quic://{address}").parse().unwrap())).await.unwrap_err();
+    let err = bounded("dial", client.dial(&format!("quic://{address}").parse().unwrap()))
+        .await
+        .unwrap_err();
     match &err {
         TransportError::Authentication { reason, .. } => {
             assert!(reason.contains("certificate key is not ed25519"), "{reason}")
@@ -384,13 +524,19 @@ async fn a_client_that_signs_with_another_key_than_its_certificate_is_refused() 
     let (claimed, actual) = (Keypair::generate(), Keypair::generate());
     let (cert, _) = tls::certificate(&claimed).unwrap();
     let mut tls_config = Arc::unwrap_or_clone(tls::client_config(&actual, Some(server.local_peer()), ALPN).unwrap());
-    tls_config.client_auth_cert_resolver =
-        Arc::new(FixedCert(Arc::new(CertifiedKey::new(vec![cert], ed25519_signer(&actual)))));
+    tls_config.client_auth_cert_resolver = Arc::new(FixedCert(Arc::new(CertifiedKey::new(
+        vec![cert],
+        ed25519_signer(&actual),
+    ))));
     let client_config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls_config).unwrap()));
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     // TLS 1.3 lets the client finish before the server has checked it, so the dial may "succeed"; the server
     // then closes the connection with a TLS alert.
-    let outcome = bounded("raw dial", endpoint.connect_with(client_config, address, "colony").unwrap()).await;
+    let outcome = bounded(
+        "raw dial",
+        endpoint.connect_with(client_config, address, "colony").unwrap(),
+    )
+    .await;
     if let Ok(conn) = outcome {
         let error = bounded("server refusal", conn.closed()).await;
         assert!(matches!(error, quinn::ConnectionError::ConnectionClosed(_)), "{error}");
@@ -407,7 +553,10 @@ async fn a_client_that_signs_with_another_key_than_its_certificate_is_refused() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_does_not_block_other_dialers() {
     let handshake_timeout = Duration::from_secs(5);
-    let server = transport_with(QuicConfig { handshake_timeout, ..QuicConfig::default() });
+    let server = transport_with(QuicConfig {
+        handshake_timeout,
+        ..QuicConfig::default()
+    });
     let mut listener = server.listen(&loopback()).await.unwrap();
     let server_address = socket_address(&listener.local_address());
 
@@ -423,7 +572,10 @@ async fn a_stalled_handshake_does_not_block_other_dialers() {
         let _ = forwarded_tx.send(());
         while relay.recv_from(&mut buffer).await.is_ok() {}
     });
-    let stalled = transport_with(QuicConfig { handshake_timeout: Duration::from_secs(1), ..QuicConfig::default() });
+    let stalled = transport_with(QuicConfig {
+        handshake_timeout: Duration::from_secs(1),
+        ..QuicConfig::default()
+    });
     let stalled_dial = {
         let target: Address = format!("quic://{relay_address}").parse().unwrap();
         tokio::spawn(async move { stalled.dial(&target).await })
@@ -433,11 +585,18 @@ async fn a_stalled_handshake_does_not_block_other_dialers() {
     let honest = transport();
     let (_dialed, accepted) = dial_and_accept(&*honest, &mut listener).await;
     assert_eq!(accepted.remote_peer(), honest.local_peer());
-    assert_eq!(listener.refused_handshakes(), 0, "the stalled handshake is still within its timeout");
+    assert_eq!(
+        listener.refused_handshakes(),
+        0,
+        "the stalled handshake is still within its timeout"
+    );
 
     let err = bounded("stalled dial", stalled_dial).await.unwrap().unwrap_err();
     assert!(matches!(err, TransportError::HandshakeTimeout { .. }), "{err}");
-    wait_until("the listener gives up on the stalled handshake", || listener.refused_handshakes() == 1).await;
+    wait_until("the listener gives up on the stalled handshake", || {
+        listener.refused_handshakes() == 1
+    })
+    .await;
     relaying.abort();
 }
 
@@ -465,13 +624,19 @@ async fn dropping_the_listener_stops_accepting_but_keeps_connections() {
     send.write_all(b"still there?").await.unwrap();
     send.finish().await.unwrap();
     let (mut server_send, mut server_recv) = bounded("accept", accepted.accept_stream()).await.unwrap();
-    assert_eq!(bounded("read", server_recv.read_to_end(1024)).await.unwrap(), b"still there?");
+    assert_eq!(
+        bounded("read", server_recv.read_to_end(1024)).await.unwrap(),
+        b"still there?"
+    );
     server_send.write_all(b"yes").await.unwrap();
     server_send.finish().await.unwrap();
     assert_eq!(bounded("read", recv.read_to_end(1024)).await.unwrap(), b"yes");
 
     // Nobody answers new connection attempts.
-    let late = transport_with(QuicConfig { handshake_timeout: Duration::from_millis(500), ..QuicConfig::default() });
+    let late = transport_with(QuicConfig {
+        handshake_timeout: Duration::from_millis(500),
+        ..QuicConfig::default()
+    });
     assert!(bounded("late dial", late.dial(&address)).await.is_err());
     assert!(dialed.close_reason().is_none() && accepted.close_reason().is_none());
 }
@@ -491,5 +656,8 @@ async fn nothing_outlives_the_transports_listeners_and_connections() {
         assert_eq!(bounded("read", recv.read_to_end(16)).await.unwrap(), b"ping");
         assert!(metrics.num_alive_tasks() > baseline);
     }
-    wait_until("every task of the transports has ended", || metrics.num_alive_tasks() == baseline).await;
+    wait_until("every task of the transports has ended", || {
+        metrics.num_alive_tasks() == baseline
+    })
+    .await;
 }

@@ -20,7 +20,9 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Fails the test if `future` takes longer than [`WAIT`].
 pub async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future).await.unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
 }
 
 /// Polls `condition` until it holds, failing the test after [`WAIT`].
@@ -51,13 +53,23 @@ pub struct Linked {
 pub async fn link(setup: &Setup) -> Linked {
     let mut listener = setup.server.listen(&setup.listen).await.expect("listen");
     let address = listener.local_address();
-    assert_eq!(address.peer(), Some(setup.server.local_peer()), "the listen address names the listener");
-    let (client, server) =
-        bounded("dial and accept", async { tokio::join!(setup.client.dial(&address), listener.accept()) }).await;
+    assert_eq!(
+        address.peer(),
+        Some(setup.server.local_peer()),
+        "the listen address names the listener"
+    );
+    let (client, server) = bounded("dial and accept", async {
+        tokio::join!(setup.client.dial(&address), listener.accept())
+    })
+    .await;
     let (client, server) = (client.expect("dial"), server.expect("accept"));
     assert_eq!(client.remote_peer(), setup.server.local_peer());
     assert_eq!(server.remote_peer(), setup.client.local_peer());
-    Linked { listener, client, server }
+    Linked {
+        listener,
+        client,
+        server,
+    }
 }
 
 pub fn echo_protocol() -> ProtocolId {
@@ -76,10 +88,15 @@ pub fn test_router() -> Arc<Router> {
         message_timeout: Duration::from_secs(20),
         ..Default::default()
     });
-    router.rpc(echo_protocol(), |_peer, request: String, payload: Bytes| async move { Ok((request, payload)) });
-    router.rpc(checksum_protocol(), |_peer, _request: String, payload: Bytes| async move {
-        Ok((format!("{}:{:016x}", payload.len(), fnv1a(&payload)), Bytes::new()))
+    router.rpc(echo_protocol(), |_peer, request: String, payload: Bytes| async move {
+        Ok((request, payload))
     });
+    router.rpc(
+        checksum_protocol(),
+        |_peer, _request: String, payload: Bytes| async move {
+            Ok((format!("{}:{:016x}", payload.len(), fnv1a(&payload)), Bytes::new()))
+        },
+    );
     Arc::new(router)
 }
 
@@ -119,10 +136,16 @@ pub async fn request_response(setup: Setup) {
     let config = StreamConfig::default();
     for i in 0..20 {
         let request = format!("request {i}");
-        let (reply, payload): (String, Bytes) =
-            call(&linked.client, &echo_protocol(), &request, Bytes::from(vec![i as u8; i]), WAIT, &config)
-                .await
-                .unwrap();
+        let (reply, payload): (String, Bytes) = call(
+            &linked.client,
+            &echo_protocol(),
+            &request,
+            Bytes::from(vec![i as u8; i]),
+            WAIT,
+            &config,
+        )
+        .await
+        .unwrap();
         assert_eq!(reply, request);
         assert_eq!(payload, Bytes::from(vec![i as u8; i]));
     }
@@ -130,8 +153,16 @@ pub async fn request_response(setup: Setup) {
         let conn = linked.client.clone();
         async move {
             let request = format!("concurrent {i}");
-            let (reply, _): (String, Bytes) =
-                call(&conn, &echo_protocol(), &request, Bytes::new(), WAIT, &StreamConfig::default()).await.unwrap();
+            let (reply, _): (String, Bytes) = call(
+                &conn,
+                &echo_protocol(),
+                &request,
+                Bytes::new(),
+                WAIT,
+                &StreamConfig::default(),
+            )
+            .await
+            .unwrap();
             assert_eq!(reply, request);
         }
     });
@@ -145,10 +176,16 @@ pub async fn large_payload(setup: Setup) {
     let serving = tokio::spawn(test_router().serve(linked.server.clone()));
     let data = Bytes::from(pattern(64 << 20, 7));
     let expected = format!("{}:{:016x}", data.len(), fnv1a(&data));
-    let (reply, _): (String, Bytes) =
-        call(&linked.client, &checksum_protocol(), &String::new(), data.clone(), WAIT, &StreamConfig::default())
-            .await
-            .unwrap();
+    let (reply, _): (String, Bytes) = call(
+        &linked.client,
+        &checksum_protocol(),
+        &String::new(),
+        data.clone(),
+        WAIT,
+        &StreamConfig::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply, expected);
     serving.abort();
 
@@ -181,7 +218,9 @@ pub async fn many_concurrent_streams(setup: Setup) {
             colony_transports::rpc::open::<String>(&linked.client, &echo_protocol(), &StreamConfig::default())
                 .await
                 .unwrap();
-        send.send(&format!("stream {i}"), Bytes::from(i.to_le_bytes().to_vec())).await.unwrap();
+        send.send(&format!("stream {i}"), Bytes::from(i.to_le_bytes().to_vec()))
+            .await
+            .unwrap();
         opened.push((i, send, recv));
     }
     let checks = opened.into_iter().map(|(i, mut send, mut recv)| async move {
@@ -213,7 +252,10 @@ pub async fn datagrams(setup: Setup) {
         .await;
         assert_eq!(received, message);
     }
-    let err = linked.client.send_datagram(Bytes::from(vec![0; limit + 1])).unwrap_err();
+    let err = linked
+        .client
+        .send_datagram(Bytes::from(vec![0; limit + 1]))
+        .unwrap_err();
     assert!(matches!(err, StreamError::DatagramTooLarge { .. }), "{err}");
 }
 
@@ -244,7 +286,10 @@ pub async fn close_is_observed(setup: Setup) {
 
     linked.client.close("test is over");
     let local = bounded("local close", linked.client.closed()).await;
-    assert!(matches!(local, CloseReason::Local(ref reason) if reason == "test is over"), "{local:?}");
+    assert!(
+        matches!(local, CloseReason::Local(ref reason) if reason == "test is over"),
+        "{local:?}"
+    );
     let remote = bounded("remote close", linked.server.closed()).await;
     assert!(
         matches!(remote, CloseReason::Remote(ref reason) if reason == "test is over")
@@ -344,7 +389,10 @@ pub async fn bad_input(setup: Setup) {
     let mut invalid_rkyv = encode_preamble(FrameKind::Open, 8, 0).to_vec();
     invalid_rkyv.extend_from_slice(&[0xc3, 0x28, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
     let message = bad_stream(&linked, invalid_rkyv, false).await;
-    assert!(message.contains("invalid") && message.contains("OpenHeader"), "{message}");
+    assert!(
+        message.contains("invalid") && message.contains("OpenHeader"),
+        "{message}"
+    );
 
     let message = bad_stream(&linked, open_frame("/colony/no-such-protocol/1"), false).await;
     assert!(
@@ -353,7 +401,10 @@ pub async fn bad_input(setup: Setup) {
     );
 
     let message = bad_stream(&linked, open_frame("/colony/echo/2"), false).await;
-    assert!(message.contains("offered version 2") && message.contains("supports version 1"), "{message}");
+    assert!(
+        message.contains("offered version 2") && message.contains("supports version 1"),
+        "{message}"
+    );
 
     let mut wrong_wire = open_frame("/colony/echo/1");
     wrong_wire[8] = 42;
