@@ -15,7 +15,10 @@ fn frame(kind: FrameKind, header: &[u8], payload: &[u8]) -> Vec<u8> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let open = OpenHeader { protocol: "/colony/echo/1".into() }.encode()?;
+    let open = OpenHeader {
+        protocol: "/colony/echo/1".into(),
+    }
+    .encode()?;
     let open_frame = frame(FrameKind::Open, &open, b"");
 
     // A protocol message header: rkyv lays a struct out like this tuple (a name, a step, a count).
@@ -23,7 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let payload: Vec<u8> = (0..16u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
     let message_frame = frame(FrameKind::Message, &message_header, &payload);
 
-    let error = ErrorHeader { message: "unknown protocol /colony/nope/1".into() }.encode()?;
+    let error = ErrorHeader {
+        message: "unknown protocol /colony/nope/1".into(),
+    }
+    .encode()?;
     let error_frame = frame(FrameKind::Error, &error, b"");
 
     // A message of 8 bytes or fewer is stored inline in the archive, the other string layout.

@@ -12,7 +12,10 @@ use colony_transports::wire::{
 use libfuzzer_sys::fuzz_target;
 
 /// Limits small enough that the fuzzer reaches the "too large" paths with short inputs.
-const TINY: FrameLimits = FrameLimits { max_header_bytes: 64, max_payload_bytes: 256 };
+const TINY: FrameLimits = FrameLimits {
+    max_header_bytes: 64,
+    max_payload_bytes: 256,
+};
 
 /// At most this many frames are decoded back to back from one input.
 const MAX_FRAMES: usize = 64;
@@ -86,7 +89,11 @@ fn check_frame(data: &[u8], frame: &Frame, used: usize, limits: &FrameLimits) {
     assert!(payload_len as u64 <= limits.max_payload_bytes);
     if header_len > 0 {
         // An empty AlignedVec holds a dangling pointer, so only a non-empty header has an address to check.
-        assert_eq!(frame.header.as_ptr() as usize % 16, 0, "headers are read into 16-byte aligned buffers");
+        assert_eq!(
+            frame.header.as_ptr() as usize % 16,
+            0,
+            "headers are read into 16-byte aligned buffers"
+        );
     }
     assert_eq!(&data[PREAMBLE_LEN..PREAMBLE_LEN + header_len], frame.header.as_slice());
     assert_eq!(&data[PREAMBLE_LEN + header_len..used], &frame.payload[..]);
@@ -99,8 +106,16 @@ fn check_frame(data: &[u8], frame: &Frame, used: usize, limits: &FrameLimits) {
     // Both header types are a single string, so they validate (and decode) alike.
     let open = frame.decode::<OpenHeader>();
     let error = frame.decode::<ErrorHeader>();
-    assert_eq!(frame.access::<OpenHeader>().is_ok(), open.is_ok(), "validated but did not deserialize");
-    assert_eq!(frame.access::<ErrorHeader>().is_ok(), error.is_ok(), "validated but did not deserialize");
+    assert_eq!(
+        frame.access::<OpenHeader>().is_ok(),
+        open.is_ok(),
+        "validated but did not deserialize"
+    );
+    assert_eq!(
+        frame.access::<ErrorHeader>().is_ok(),
+        error.is_ok(),
+        "validated but did not deserialize"
+    );
     match (&open, &error) {
         (Ok(open), Ok(error)) => assert_eq!(open.protocol, error.message),
         (Err(_), Err(_)) => {}
@@ -134,7 +149,10 @@ fn check_protocol_id(text: &str) {
     };
     let name = id.name();
     assert!((1..=64).contains(&name.len()));
-    assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)));
+    assert!(
+        name.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    );
     let printed = id.to_string();
     assert_eq!(printed.parse::<ProtocolId>().as_ref(), Ok(&id));
     assert_eq!(ProtocolId::new(name, id.version()).as_ref(), Ok(&id));

@@ -507,15 +507,28 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, first: &[u8],
 async fn run_reader<R: AsyncRead + Unpin>(shared: Arc<Shared>, reader: R, remote_is_dialer: bool) {
     let mut reader = FrameReader {
         reader,
-        buf: BytesMut::new(),
+        staging: BytesMut::new(),
+        pool: Arc::new(BufferPool::default()),
         idle: shared.config.idle_timeout,
     };
-    let mut closed = shared.close.subscribe();
-    let reason = tokio::select! {
-        reason = read_loop(&shared, &mut reader, remote_is_dialer) => reason,
-        _ = closed.wait_for(Option::is_some) => return,
+    let closed = async {
+        let _ = shared.close.subscribe().wait_for(Option::is_some).await;
     };
-    shared.close(reason);
+    let reason = tokio::select! {
+        reason = read_loop(&shared, &mut reader, remote_is_dialer) => Some(reason),
+        () = closed => None,
+    };
+    match reason {
+        Some(reason) => shared.close(reason),
+        None => {
+            // Closed locally: keep reading (and discarding) until the remote hangs up or the grace period
+            // ends. Closing a socket with unread data makes the kernel send a reset, which would destroy
+            // the GOAWAY still on its way to the remote.
+            let mut sink = [0u8; 16 * 1024];
+            let drain = async { while matches!(reader.reader.read(&mut sink).await, Ok(n) if n > 0) {} };
+            let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+        }
+    }
 }
 
 /// Reads and dispatches frames until the connection must close; returns why.
@@ -531,9 +544,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if let Err(reason) = reader.fill_to(HEADER_LEN).await {
             return reason;
         }
-        let head: [u8; HEADER_LEN] = reader.buf[..HEADER_LEN]
+        let head: [u8; HEADER_LEN] = reader.staging[..HEADER_LEN]
             .try_into()
-            .expect("HEADER_LEN bytes are buffered");
+            .expect("HEADER_LEN bytes are staged");
+        reader.staging.advance(HEADER_LEN);
         let id = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
         let kind = head[4];
         let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
@@ -551,13 +565,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     "frame type {kind} of {len} bytes exceeds the limit of {payload_limit}"
                 ));
             }
-            if let Err(reason) = reader.fill_to(HEADER_LEN + len as usize).await {
-                return reason;
+            match reader.payload(len as usize).await {
+                Ok(payload) => payload,
+                Err(reason) => return reason,
             }
-            reader.buf.advance(HEADER_LEN);
-            reader.buf.split_to(len as usize).freeze()
         } else {
-            reader.buf.advance(HEADER_LEN);
             Bytes::new()
         };
         match kind {
@@ -656,34 +668,108 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Size of the receive buffer. Frames are read into it and payloads split off without copying; once the
-/// application has dropped them, the same memory is reused (no allocation or page faults per frame).
-const RECV_BUFFER: usize = 4 << 20;
+/// Size of the staging buffer that headers and small payloads are read into.
+const STAGING: usize = 64 * 1024;
+/// Payloads above this size are read into pooled buffers; smaller ones are split off the staging buffer.
+const POOLED_PAYLOAD: usize = 16 * 1024;
+/// Free buffers kept per connection for reuse.
+const MAX_POOLED_BUFFERS: usize = 16;
 
-/// Reads frames into one reusable buffer: a single copy from the socket, payloads handed out uncopied.
+/// Reads frames with one copy from the socket. Large payloads land in buffers that return to a pool when
+/// the application drops them, so a bulk transfer reuses warm memory instead of faulting in new pages.
 struct FrameReader<R> {
     reader: R,
-    buf: BytesMut,
+    staging: BytesMut,
+    pool: Arc<BufferPool>,
     idle: Duration,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// Reads until at least `needed` bytes are buffered.
+    /// Reads until at least `needed` (at most `STAGING`) bytes are staged.
     async fn fill_to(&mut self, needed: usize) -> Result<(), CloseReason> {
-        if self.buf.len() >= needed {
+        if self.staging.len() >= needed {
             return Ok(());
         }
-        // Reclaims the buffer when the application has released earlier payloads, else allocates a new one.
-        self.buf.reserve(RECV_BUFFER.max(needed) - self.buf.len());
-        while self.buf.len() < needed {
-            match tokio::time::timeout(self.idle, self.reader.read_buf(&mut self.buf)).await {
-                Err(_) => return Err(CloseReason::IdleTimeout),
-                Ok(Err(error)) => return Err(CloseReason::Lost(format!("read failed: {error}"))),
-                Ok(Ok(0)) => return Err(CloseReason::Lost("the remote peer closed the socket".into())),
-                Ok(Ok(_)) => {}
-            }
+        self.staging.reserve(STAGING - self.staging.len().min(STAGING / 2));
+        while self.staging.len() < needed {
+            let read = self.reader.read_buf(&mut self.staging);
+            check_read(tokio::time::timeout(self.idle, read).await)?;
         }
         Ok(())
+    }
+
+    /// Reads a payload of `len` bytes whose header was just consumed.
+    async fn payload(&mut self, len: usize) -> Result<Bytes, CloseReason> {
+        if len <= POOLED_PAYLOAD {
+            self.fill_to(len).await?;
+            return Ok(self.staging.split_to(len).freeze());
+        }
+        let mut buf = self.pool.take(len);
+        let staged = len.min(self.staging.len());
+        buf.extend_from_slice(&self.staging[..staged]);
+        self.staging.advance(staged);
+        while buf.len() < len {
+            let mut limited = (&mut self.reader).take((len - buf.len()) as u64);
+            let read = limited.read_buf(&mut buf);
+            check_read(tokio::time::timeout(self.idle, read).await)?;
+        }
+        Ok(Bytes::from_owner(Pooled {
+            buf,
+            pool: self.pool.clone(),
+        }))
+    }
+}
+
+fn check_read(result: Result<std::io::Result<usize>, tokio::time::error::Elapsed>) -> Result<(), CloseReason> {
+    match result {
+        Err(_) => Err(CloseReason::IdleTimeout),
+        Ok(Err(error)) => Err(CloseReason::Lost(format!("read failed: {error}"))),
+        Ok(Ok(0)) => Err(CloseReason::Lost("the remote peer closed the socket".into())),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Receive buffers of one connection, reused once the application drops the payload they hold.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = {
+            let mut free = self.free.lock().expect("buffer pool poisoned");
+            free.iter()
+                .rposition(|buf| buf.capacity() >= len)
+                .map(|index| free.swap_remove(index))
+        };
+        reused.unwrap_or_else(|| Vec::with_capacity(len.max(MAX_DATA_FRAME)))
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut free = self.free.lock().expect("buffer pool poisoned");
+        if free.len() < MAX_POOLED_BUFFERS {
+            free.push(buf);
+        }
+    }
+}
+
+/// A payload buffer on loan from a [`BufferPool`].
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 

@@ -23,6 +23,9 @@
 //!   [`CloseReason::Remote`]; the closing side sees [`CloseReason::Local`]. Dropping every handle of a
 //!   connection (the connection and all its streams) closes it with the reason "connection dropped".
 //!   quinn's background tasks end once the transport, its listeners and all connections are gone.
+//!   Known limitation of quinn-proto 0.11.19: a close made while this side's congestion window is full
+//!   (in the middle of a bulk send) is never put on the wire (quinn-rs/quinn#2785, fixed upstream, not yet
+//!   released), so the remote learns of it only from its [`QuicConfig::idle_timeout`].
 //!
 //! ```no_run
 //! use colony_transports::quic::{QuicConfig, QuicTransport};

@@ -33,7 +33,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_is_what_was_configured() {
-    let latency = Duration::from_millis(25);
+    let latency = Duration::from_millis(50);
     let (_emulator, setup) = emulated(LinkConfig {
         latency,
         ..Default::default()

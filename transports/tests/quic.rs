@@ -19,7 +19,7 @@ use colony_transports::{Address, Connection, Keypair, Listener, PeerId, Transpor
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::sign::CertifiedKey;
-use support::{Setup, bounded};
+use support::{Setup, bounded, wait_until};
 
 fn transport_with(config: QuicConfig) -> Arc<dyn Transport> {
     Arc::new(QuicTransport::new(Keypair::generate(), config))
@@ -41,10 +41,7 @@ fn setup() -> Setup {
     }
 }
 
-// The conformance suite, test by test, except two replaced below: `support::datagrams` reads the datagram
-// limit once at the start, but QUIC's path MTU discovery may raise it while the test runs; and in
-// `support::close_is_observed` the "pending" read is on the stream the other side keeps writing to, so over
-// a real network it returns data before the close arrives.
+// The conformance suite, test by test: the close test needs its own configuration (below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response() {
     support::request_response(setup()).await
@@ -75,125 +72,34 @@ async fn bad_input() {
     support::bad_input(setup()).await
 }
 
-/// Datagrams both ways, of every size up to the limit the connection reports at the time of sending; one
-/// byte more is refused with an error naming the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams() {
-    let linked = support::link(&setup()).await;
-    for (from, to) in [(&linked.client, &linked.server), (&linked.server, &linked.client)] {
-        for len in [1, 1000] {
-            let message = Bytes::from(support::pattern(len, len as u64));
-            assert_eq!(exchange_datagram(from, to, &message).await, message);
-        }
-        // Whatever the limit is now (MTU discovery may raise it later), it holds now.
-        let limit = from.max_datagram_size().expect("datagrams are supported");
-        assert!(limit >= 1000, "limit {limit}");
-        let err = from.send_datagram(Bytes::from(vec![0; limit + 1])).unwrap_err();
-        assert_eq!(err, StreamError::DatagramTooLarge { len: limit + 1, limit });
-        let largest = Bytes::from(support::pattern(limit, 5));
-        let received = exchange_datagram(from, to, &largest).await;
-        assert!(received == largest, "the largest datagram arrives intact");
-    }
+    support::datagrams(setup()).await
 }
 
-/// Closing is seen by both sides with the reason, and reads and writes pending on either side fail with it
-/// instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_is_observed() {
-    let linked = support::link(&setup()).await;
-    let (mut client_send, mut client_recv) = linked.client.open_stream().await.unwrap();
-    client_send.write_all(b"hello").await.unwrap();
-    let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
-    let mut hello = [0u8; 5];
-    bounded("hello", server_recv.read_exact(&mut hello)).await.unwrap();
-
-    // Reads that wait for data nobody sends, and writes (on streams of their own, which nobody reads) that
-    // end up waiting for flow-control credit.
-    let client_read = tokio::spawn(async move { client_recv.read_chunk(1024).await });
-    let server_read = tokio::spawn(async move { server_recv.read_chunk(1024).await });
-    let (client_write, server_write) = (
-        tokio::spawn(write_until_error(linked.client.clone())),
-        tokio::spawn(write_until_error(linked.server.clone())),
-    );
-    let (client_accept, server_accept) = {
-        let (client, server) = (linked.client.clone(), linked.server.clone());
-        // Each side opens one stream (the writer's), so the second accept on each side waits.
-        (
-            tokio::spawn(async move {
-                let _first = client.accept_stream().await?;
-                client.accept_stream().await.map(|_| ())
-            }),
-            tokio::spawn(async move {
-                let _first = server.accept_stream().await?;
-                server.accept_stream().await.map(|_| ())
-            }),
-        )
+    // The closing side keeps at most 8 KiB unacknowledged, below its initial congestion window: quinn-proto
+    // 0.11.19 does not send CONNECTION_CLOSE while the congestion window is full (quinn-rs/quinn#2785, fixed
+    // upstream by #2787 but not released), and the remote would only learn of the close from its idle
+    // timeout. Small receive windows make the writers wait for credit after a few hundred KiB.
+    let closer = QuicConfig {
+        send_window: 8 << 10,
+        stream_receive_window: 256 << 10,
+        receive_window: 1 << 20,
+        ..QuicConfig::default()
     };
-    tokio::task::yield_now().await;
-
-    linked.client.close("test is over");
-    let local = CloseReason::Local("test is over".into());
-    let remote = CloseReason::Remote("test is over".into());
-    assert_eq!(bounded("local close", linked.client.closed()).await, local);
-    assert_eq!(bounded("remote close", linked.server.closed()).await, remote);
-    assert_eq!(linked.client.close_reason(), Some(local.clone()));
-    assert_eq!(linked.server.close_reason(), Some(remote.clone()));
-    let closed = |reason: &CloseReason| StreamError::ConnectionClosed(reason.clone());
-    assert_eq!(bounded("client read", client_read).await.unwrap(), Err(closed(&local)));
-    assert_eq!(bounded("server read", server_read).await.unwrap(), Err(closed(&remote)));
-    assert_eq!(bounded("client write", client_write).await.unwrap(), closed(&local));
-    assert_eq!(bounded("server write", server_write).await.unwrap(), closed(&remote));
-    assert_eq!(
-        bounded("client accept", client_accept).await.unwrap(),
-        Err(closed(&local))
-    );
-    assert_eq!(
-        bounded("server accept", server_accept).await.unwrap(),
-        Err(closed(&remote))
-    );
-    assert_eq!(linked.client.open_stream().await.err(), Some(closed(&local)));
-    assert_eq!(linked.server.open_stream().await.err(), Some(closed(&remote)));
-    assert_eq!(client_send.write_all(b"late").await, Err(closed(&local)));
-}
-
-/// Opens a stream on `conn` and writes to it until that fails; returns the error.
-async fn write_until_error(conn: Connection) -> StreamError {
-    let mut send = match conn.open_stream().await {
-        Ok((send, _recv)) => send,
-        Err(err) => return err,
+    let remote = QuicConfig {
+        stream_receive_window: 256 << 10,
+        receive_window: 1 << 20,
+        ..QuicConfig::default()
     };
-    let block = Bytes::from(vec![0u8; 1 << 20]);
-    loop {
-        if let Err(err) = send.write_chunk(block.clone()).await {
-            return err;
-        }
-    }
-}
-
-/// Sends `message` until it arrives (datagrams are best effort) and returns what arrived.
-async fn exchange_datagram(from: &Connection, to: &Connection, message: &Bytes) -> Bytes {
-    bounded("a datagram", async {
-        loop {
-            from.send_datagram(message.clone()).unwrap();
-            // A copy resent earlier may arrive late; only this message counts.
-            if let Ok(datagram) = tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
-                && datagram.as_ref() == Ok(message)
-            {
-                break datagram.unwrap();
-            }
-        }
-    })
-    .await
-}
-
-/// Polls `condition` until it holds, failing the test after [`support::WAIT`].
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
+    let setup = Setup {
+        server: transport_with(remote),
+        client: transport_with(closer),
+        listen: loopback(),
+    };
+    support::close_is_observed(setup).await
 }
 
 /// Dials `listener` from `dialer` and accepts the connection there: (dialed end, accepted end).

@@ -225,7 +225,7 @@ async fn streams_beyond_the_limit_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_emulation_wraps_tcp() {
     let emulator = colony_transports::emulation::LinkEmulator::new();
-    let latency = Duration::from_millis(20);
+    let latency = Duration::from_millis(100);
     emulator.set_default_link(colony_transports::emulation::LinkConfig {
         latency,
         ..Default::default()

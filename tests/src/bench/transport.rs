@@ -19,8 +19,9 @@ use super::Measurement;
 
 const CHUNK: usize = 1 << 20;
 
-/// Runs the suite: `total` bytes per transfer, best of `repeat` transfers per case.
-pub async fn run(total: usize, repeat: usize) -> anyhow::Result<Vec<Measurement>> {
+/// Runs the suite: `total` bytes per transfer, best of `repeat` transfers per case, for the cases whose name
+/// is `only` (all when `None`).
+pub async fn run(total: usize, repeat: usize, only: Option<&str>) -> anyhow::Result<Vec<Measurement>> {
     let mut results = Vec::new();
     let raw = best(repeat, || raw_tcp(total)).await?;
     let bound = mb_per_s(total, raw.0);
@@ -33,7 +34,10 @@ pub async fn run(total: usize, repeat: usize) -> anyhow::Result<Vec<Measurement>
                 spread(total, &raw.1)
             )),
     );
-    for name in ["tcp", "tcp+tls", "quic"] {
+    for name in ["tcp", "tcp+tls", "quic"]
+        .into_iter()
+        .filter(|name| only.is_none_or(|only| *name == only))
+    {
         let timing = best(repeat, || {
             let (server, client, listen) = match name {
                 "tcp" => (tcp(false), tcp(false), "tcp://127.0.0.1:0"),

@@ -25,13 +25,20 @@ struct Args {
     /// Transfers per case; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Run only the case of this name (the bound is always measured).
+    #[arg(long)]
+    case: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let results = match args.suite {
-        Suite::Transport => runtime.block_on(bench::transport::run(args.size_mib << 20, args.repeat.max(1)))?,
+        Suite::Transport => runtime.block_on(bench::transport::run(
+            args.size_mib << 20,
+            args.repeat.max(1),
+            args.case.as_deref(),
+        ))?,
     };
     if !args.json {
         println!("machine: {}", bench::machine());
