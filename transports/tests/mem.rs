@@ -17,6 +17,11 @@ fn setup() -> Setup {
 
 conformance_tests!(setup);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_observed() {
+    support::close_is_observed(setup()).await
+}
+
 #[tokio::test]
 async fn listen_twice_on_one_name_is_refused() {
     let setup = setup();

@@ -41,41 +41,7 @@ fn setup() -> Setup {
     }
 }
 
-// The conformance suite, test by test: the close test needs its own configuration (below).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_response() {
-    support::request_response(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_payload() {
-    support::large_payload(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_concurrent_streams() {
-    support::many_concurrent_streams(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drop_closes() {
-    support::drop_closes(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_expected_peer() {
-    support::wrong_expected_peer(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input() {
-    support::bad_input(setup()).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn datagrams() {
-    support::datagrams(setup()).await
-}
+conformance_tests!(setup);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_is_observed() {

@@ -28,6 +28,11 @@ fn setup() -> Setup {
 
 conformance_tests!(setup);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_observed() {
+    support::close_is_observed(setup()).await
+}
+
 mod with_tls {
     use super::*;
 
@@ -44,6 +49,11 @@ mod with_tls {
     }
 
     conformance_tests!(setup);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_is_observed() {
+        support::close_is_observed(setup()).await
+    }
 }
 
 /// Connects a raw socket to a fresh listener and returns it with the listener.
