@@ -510,6 +510,7 @@ async fn run_reader<R: AsyncRead + Unpin>(shared: Arc<Shared>, reader: R, remote
         staging: BytesMut::new(),
         pool: Arc::new(BufferPool::default()),
         idle: shared.config.idle_timeout,
+        after_bulk: false,
     };
     let closed = async {
         let _ = shared.close.subscribe().wait_for(Option::is_some).await;
@@ -682,6 +683,9 @@ struct FrameReader<R> {
     staging: BytesMut,
     pool: Arc<BufferPool>,
     idle: Duration,
+    /// After a large payload, read only the next header, so that a following large payload goes straight
+    /// into its own buffer instead of through the staging buffer (one copy fewer).
+    after_bulk: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -692,7 +696,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         self.staging.reserve(STAGING - self.staging.len().min(STAGING / 2));
         while self.staging.len() < needed {
-            let read = self.reader.read_buf(&mut self.staging);
+            let limit = if self.after_bulk {
+                (needed - self.staging.len()) as u64
+            } else {
+                u64::MAX
+            };
+            let mut limited = (&mut self.reader).take(limit);
+            let read = limited.read_buf(&mut self.staging);
             check_read(tokio::time::timeout(self.idle, read).await)?;
         }
         Ok(())
@@ -701,9 +711,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads a payload of `len` bytes whose header was just consumed.
     async fn payload(&mut self, len: usize) -> Result<Bytes, CloseReason> {
         if len <= POOLED_PAYLOAD {
+            self.after_bulk = false;
             self.fill_to(len).await?;
             return Ok(self.staging.split_to(len).freeze());
         }
+        self.after_bulk = true;
         let mut buf = self.pool.take(len);
         let staged = len.min(self.staging.len());
         buf.extend_from_slice(&self.staging[..staged]);

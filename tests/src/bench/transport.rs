@@ -19,46 +19,42 @@ use super::Measurement;
 
 const CHUNK: usize = 1 << 20;
 
-/// Runs the suite: `total` bytes per transfer, best of `repeat` transfers per case, for the cases whose name
-/// is `only` (all when `None`).
+/// Runs the suite: `total` bytes per transfer, best of `repeat` transfers per case, for the case named `only`
+/// (all when `None`). Cases take turns in each round, so that a disturbance on the machine hits the bound
+/// and the transports alike.
 pub async fn run(total: usize, repeat: usize, only: Option<&str>) -> anyhow::Result<Vec<Measurement>> {
-    let mut results = Vec::new();
-    let raw = best(repeat, || raw_tcp(total)).await?;
-    let bound = mb_per_s(total, raw.0);
-    results.push(
-        Measurement::new("transport", "raw-tcp", bound, "MB/s", bound)
-            .bound_case("raw-tcp")
-            .note(format!(
-                "{} MiB, best of {repeat} ({})",
-                total >> 20,
-                spread(total, &raw.1)
-            )),
-    );
-    for name in ["tcp", "tcp+tls", "quic"]
+    let cases: Vec<&str> = ["raw-tcp", "tcp", "tcp+tls", "quic"]
         .into_iter()
-        .filter(|name| only.is_none_or(|only| *name == only))
-    {
-        let timing = best(repeat, || {
-            let (server, client, listen) = match name {
-                "tcp" => (tcp(false), tcp(false), "tcp://127.0.0.1:0"),
-                "tcp+tls" => (tcp(true), tcp(true), "tcp://127.0.0.1:0"),
-                _ => (quic(), quic(), "quic://127.0.0.1:0"),
-            };
-            colony_transfer(server, client, listen, total)
-        })
-        .await
-        .with_context(|| format!("case {name}"))?;
-        results.push(
-            Measurement::new("transport", name, mb_per_s(total, timing.0), "MB/s", bound)
+        .filter(|name| *name == "raw-tcp" || only.is_none_or(|only| *name == only))
+        .collect();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(repeat); cases.len()];
+    for _ in 0..repeat {
+        for (case, name) in cases.iter().enumerate() {
+            let elapsed = match *name {
+                "raw-tcp" => raw_tcp(total).await,
+                "tcp" => colony_transfer(tcp(false), tcp(false), "tcp://127.0.0.1:0", total).await,
+                "tcp+tls" => colony_transfer(tcp(true), tcp(true), "tcp://127.0.0.1:0", total).await,
+                _ => colony_transfer(quic(), quic(), "quic://127.0.0.1:0", total).await,
+            }
+            .with_context(|| format!("case {name}"))?;
+            times[case].push(elapsed);
+        }
+    }
+    let best = |all: &[Duration]| *all.iter().min().expect("repeat is at least 1");
+    let bound = mb_per_s(total, best(&times[0]));
+    Ok(cases
+        .iter()
+        .zip(&times)
+        .map(|(name, all)| {
+            Measurement::new("transport", *name, mb_per_s(total, best(all)), "MB/s", bound)
                 .bound_case("raw-tcp")
                 .note(format!(
                     "{} MiB, best of {repeat} ({})",
                     total >> 20,
-                    spread(total, &timing.1)
-                )),
-        );
-    }
-    Ok(results)
+                    spread(total, all)
+                ))
+        })
+        .collect())
 }
 
 fn tcp(tls: bool) -> Arc<dyn Transport> {
@@ -82,20 +78,6 @@ fn mb_per_s(bytes: usize, elapsed: Duration) -> f64 {
 fn spread(total: usize, all: &[Duration]) -> String {
     let rates: Vec<String> = all.iter().map(|d| format!("{:.0}", mb_per_s(total, *d))).collect();
     format!("runs: {} MB/s", rates.join(", "))
-}
-
-/// Runs `transfer` `repeat` times; returns the fastest time and all times.
-async fn best<F, Fut>(repeat: usize, transfer: F) -> anyhow::Result<(Duration, Vec<Duration>)>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Duration>>,
-{
-    let mut all = Vec::with_capacity(repeat);
-    for _ in 0..repeat {
-        all.push(transfer().await?);
-    }
-    let fastest = *all.iter().min().expect("repeat is at least 1");
-    Ok((fastest, all))
 }
 
 async fn raw_tcp(total: usize) -> anyhow::Result<Duration> {
