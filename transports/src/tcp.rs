@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
@@ -171,7 +172,12 @@ impl Transport for TcpTransport {
             .await
             .map_err(|_| TransportError::io(format!("connecting to {address}"), std::io::ErrorKind::TimedOut.into()))?
             .map_err(|e| TransportError::io(format!("connecting to {address}"), e))?;
-        let setup = connect_dialer(socket, remote, &self.keypair, &self.config, address);
+        let tls = if self.config.tls {
+            Tls::Client(crate::tls::client_config(&self.keypair, None, TLS_ALPN)?)
+        } else {
+            Tls::None
+        };
+        let setup = establish(socket, tls, Role::Dialer, &self.keypair, &self.config, remote, address);
         tokio::time::timeout(self.config.handshake_timeout, setup)
             .await
             .map_err(|_| TransportError::HandshakeTimeout {
@@ -192,165 +198,139 @@ fn check_scheme(address: &Address) -> Result<(), TransportError> {
     }
 }
 
-fn handshake_error(address: &Address, error: HandshakeError) -> TransportError {
-    match error {
-        HandshakeError::UnexpectedPeer { expected, actual } => TransportError::UnexpectedPeer {
-            address: address.to_string(),
-            expected,
-            actual,
-        },
-        other => TransportError::Authentication {
-            address: address.to_string(),
-            reason: other.to_string(),
-        },
-    }
+/// The TLS side a connection plays, if it uses TLS.
+enum Tls<'a> {
+    None,
+    Client(Arc<rustls::ClientConfig>),
+    Server(&'a Arc<rustls::ServerConfig>),
 }
 
-async fn connect_dialer(
+/// Sets up TLS if configured, runs the signed handshake, and starts multiplexing.
+async fn establish(
     socket: TcpStream,
-    remote: SocketAddr,
+    tls: Tls<'_>,
+    role: Role,
     keypair: &Keypair,
     config: &TcpConfig,
+    remote: SocketAddr,
     address: &Address,
 ) -> Result<Connection, TransportError> {
     socket
         .set_nodelay(true)
         .map_err(|e| TransportError::io("setting TCP_NODELAY", e))?;
+    let tls_error = |e: std::io::Error| TransportError::Tls {
+        address: address.to_string(),
+        reason: e.to_string(),
+    };
     let expected = address.peer();
-    let local = keypair.peer_id();
-    if config.tls {
-        let tls_config = crate::tls::client_config(keypair, None, TLS_ALPN)?;
-        let server_name = rustls::pki_types::ServerName::try_from("colony.invalid").expect("a valid DNS name");
-        let mut stream = tokio_rustls::TlsConnector::from(tls_config)
-            .connect(server_name, socket)
+    let stream: tokio_rustls::TlsStream<TcpStream> = match tls {
+        Tls::None => {
+            let mut socket = socket;
+            let peer = authenticate(&mut socket, keypair, role, expected, [0; BINDING_LEN], None, address).await?;
+            // Plain TCP splits without a lock between the halves.
+            let (reader, writer) = socket.into_split();
+            return Ok(start_mux(reader, writer, role, config, keypair, peer, remote));
+        }
+        Tls::Client(tls) => {
+            let server_name = rustls::pki_types::ServerName::try_from("colony.invalid").expect("a valid DNS name");
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(server_name, socket)
+                .await
+                .map_err(tls_error)?;
+            stream.into()
+        }
+        Tls::Server(tls) => tokio_rustls::TlsAcceptor::from(tls.clone())
+            .accept(socket)
             .await
-            .map_err(|e| TransportError::Tls {
-                address: address.to_string(),
-                reason: e.to_string(),
-            })?;
-        let binding = exporter(stream.get_ref().1, address)?;
-        let cert_peer = crate::tls::remote_peer_id(stream.get_ref().1.peer_certificates()).map_err(|reason| {
-            TransportError::Authentication {
-                address: address.to_string(),
-                reason,
-            }
-        })?;
-        let peer = handshake::run(&mut stream, keypair, Role::Dialer, expected, binding)
-            .await
-            .map_err(|e| handshake_error(address, e))?;
-        check_same_peer(address, cert_peer, peer)?;
-        let (reader, writer) = tokio::io::split(stream);
-        let conn = MuxConnection::start(
-            reader,
-            writer,
-            true,
-            config.mux(),
-            local,
-            peer,
-            tcp_address(remote, Some(peer)),
-        );
-        Ok(Connection::new(Arc::new(conn)))
-    } else {
-        let mut socket = socket;
-        let peer = handshake::run(&mut socket, keypair, Role::Dialer, expected, [0; BINDING_LEN])
-            .await
-            .map_err(|e| handshake_error(address, e))?;
-        let (reader, writer) = socket.into_split();
-        let conn = MuxConnection::start(
-            reader,
-            writer,
-            true,
-            config.mux(),
-            local,
-            peer,
-            tcp_address(remote, Some(peer)),
-        );
-        Ok(Connection::new(Arc::new(conn)))
-    }
+            .map_err(tls_error)?
+            .into(),
+    };
+    let mut stream = stream;
+    let (binding, cert_peer) = match &stream {
+        tokio_rustls::TlsStream::Client(client) => tls_identity(client.get_ref().1, address)?,
+        tokio_rustls::TlsStream::Server(server) => tls_identity(server.get_ref().1, address)?,
+    };
+    let peer = authenticate(&mut stream, keypair, role, expected, binding, Some(cert_peer), address).await?;
+    let (reader, writer) = tokio::io::split(stream);
+    Ok(start_mux(reader, writer, role, config, keypair, peer, remote))
 }
 
-fn exporter<D>(conn: &rustls::ConnectionCommon<D>, address: &Address) -> Result<[u8; BINDING_LEN], TransportError> {
-    conn.export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
+/// The channel binding (a TLS exporter value) and the peer named by the remote's certificate.
+fn tls_identity<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    address: &Address,
+) -> Result<([u8; BINDING_LEN], PeerId), TransportError> {
+    let binding = conn
+        .export_keying_material([0u8; BINDING_LEN], EXPORTER_LABEL, None)
         .map_err(|e| TransportError::Tls {
             address: address.to_string(),
             reason: format!("exporter: {e}"),
-        })
-}
-
-fn check_same_peer(address: &Address, cert_peer: PeerId, handshake_peer: PeerId) -> Result<(), TransportError> {
-    if cert_peer == handshake_peer {
-        Ok(())
-    } else {
-        Err(TransportError::Authentication {
+        })?;
+    let cert_peer =
+        crate::tls::remote_peer_id(conn.peer_certificates()).map_err(|reason| TransportError::Authentication {
             address: address.to_string(),
-            reason: format!("TLS certificate of peer {cert_peer} but handshake signed by peer {handshake_peer}"),
-        })
+            reason,
+        })?;
+    Ok((binding, cert_peer))
+}
+
+/// Runs the signed handshake; with TLS, the certificate's peer must be the one that signed.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    keypair: &Keypair,
+    role: Role,
+    expected: Option<PeerId>,
+    binding: [u8; BINDING_LEN],
+    cert_peer: Option<PeerId>,
+    address: &Address,
+) -> Result<PeerId, TransportError> {
+    let peer = handshake::run(stream, keypair, role, expected, binding)
+        .await
+        .map_err(|error| match error {
+            HandshakeError::UnexpectedPeer { expected, actual } => TransportError::UnexpectedPeer {
+                address: address.to_string(),
+                expected,
+                actual,
+            },
+            other => TransportError::Authentication {
+                address: address.to_string(),
+                reason: other.to_string(),
+            },
+        })?;
+    match cert_peer {
+        Some(cert_peer) if cert_peer != peer => Err(TransportError::Authentication {
+            address: address.to_string(),
+            reason: format!("TLS certificate of peer {cert_peer} but handshake signed by peer {peer}"),
+        }),
+        _ => Ok(peer),
     }
 }
 
-async fn accept_one(
-    socket: TcpStream,
+fn start_mux<R, W>(
+    reader: R,
+    writer: W,
+    role: Role,
+    config: &TcpConfig,
+    keypair: &Keypair,
+    peer: PeerId,
     remote: SocketAddr,
-    keypair: Arc<Keypair>,
-    config: TcpConfig,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> Result<Connection, TransportError> {
-    let address = tcp_address(remote, None);
-    socket
-        .set_nodelay(true)
-        .map_err(|e| TransportError::io("setting TCP_NODELAY", e))?;
+) -> Connection
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let dialer = role == Role::Dialer;
     let local = keypair.peer_id();
-    match tls {
-        Some(tls) => {
-            let mut stream =
-                tokio_rustls::TlsAcceptor::from(tls)
-                    .accept(socket)
-                    .await
-                    .map_err(|e| TransportError::Tls {
-                        address: address.to_string(),
-                        reason: e.to_string(),
-                    })?;
-            let binding = exporter(stream.get_ref().1, &address)?;
-            let cert_peer = crate::tls::remote_peer_id(stream.get_ref().1.peer_certificates()).map_err(|reason| {
-                TransportError::Authentication {
-                    address: address.to_string(),
-                    reason,
-                }
-            })?;
-            let peer = handshake::run(&mut stream, &keypair, Role::Listener, None, binding)
-                .await
-                .map_err(|e| handshake_error(&address, e))?;
-            check_same_peer(&address, cert_peer, peer)?;
-            let (reader, writer) = tokio::io::split(stream);
-            let conn = MuxConnection::start(
-                reader,
-                writer,
-                false,
-                config.mux(),
-                local,
-                peer,
-                tcp_address(remote, Some(peer)),
-            );
-            Ok(Connection::new(Arc::new(conn)))
-        }
-        None => {
-            let mut socket = socket;
-            let peer = handshake::run(&mut socket, &keypair, Role::Listener, None, [0; BINDING_LEN])
-                .await
-                .map_err(|e| handshake_error(&address, e))?;
-            let (reader, writer) = socket.into_split();
-            let conn = MuxConnection::start(
-                reader,
-                writer,
-                false,
-                config.mux(),
-                local,
-                peer,
-                tcp_address(remote, Some(peer)),
-            );
-            Ok(Connection::new(Arc::new(conn)))
-        }
-    }
+    let remote_address = tcp_address(remote, Some(peer));
+    Connection::new(Arc::new(MuxConnection::start(
+        reader,
+        writer,
+        dialer,
+        config.mux(),
+        local,
+        peer,
+        remote_address,
+    )))
 }
 
 async fn accept_loop(
@@ -375,7 +355,10 @@ async fn accept_loop(
                     let (keypair, config, tls) = (keypair.clone(), config.clone(), tls.clone());
                     let timeout = config.handshake_timeout;
                     handshakes.spawn(async move {
-                        let result = tokio::time::timeout(timeout, accept_one(socket, remote, keypair, config, tls)).await;
+                        let address = tcp_address(remote, None);
+                        let tls = tls.as_ref().map_or(Tls::None, Tls::Server);
+                        let setup = establish(socket, tls, Role::Listener, &keypair, &config, remote, &address);
+                        let result = tokio::time::timeout(timeout, setup).await;
                         (remote, result)
                     });
                 }
