@@ -967,3 +967,149 @@ impl Drop for MuxRecv {
         self.stop(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keypair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn config() -> MuxConfig {
+        MuxConfig {
+            stream_receive_window: 64 * 1024,
+            connection_receive_window: INITIAL_CONNECTION_WINDOW,
+            max_incoming_streams: 8,
+            max_datagram_size: 1024,
+            datagram_queue: 8,
+            keep_alive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn frame(stream: u32, kind: u8, len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = header(stream, kind, len).to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Starts a dialer-side multiplexer whose remote is played by the test through `theirs`.
+    fn start() -> (MuxConnection, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(4 << 20);
+        let (reader, writer) = tokio::io::split(ours);
+        let (local, remote) = (
+            Keypair::from_seed([1; 32]).peer_id(),
+            Keypair::from_seed([2; 32]).peer_id(),
+        );
+        let address = Address::new(crate::Scheme::Mem, "test", Some(remote)).unwrap();
+        (
+            MuxConnection::start(reader, writer, true, config(), local, remote, address),
+            theirs,
+        )
+    }
+
+    /// Sends `bytes` as the remote and checks that the connection closes, naming `needle`, and that the
+    /// remote is told why in a GOAWAY.
+    async fn violation(bytes: Vec<u8>, needle: &str) {
+        let (conn, mut theirs) = start();
+        theirs.write_all(&bytes).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the connection closes");
+        assert!(reason.to_string().contains(needle), "{reason}");
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), theirs.read_to_end(&mut seen)).await;
+        assert!(
+            String::from_utf8_lossy(&seen).contains(needle),
+            "the GOAWAY names the violation"
+        );
+    }
+
+    #[tokio::test]
+    async fn data_beyond_stream_credit_closes_the_connection() {
+        let mut bytes = frame(2, OPEN, 0, &[]);
+        bytes.extend(frame(2, DATA, 64 * 1024 + 1, &vec![0; 64 * 1024 + 1]));
+        violation(bytes, "beyond stream 2's credit").await;
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_closes_the_connection() {
+        violation(frame(2, DATA, 2 << 20, &[]), "exceeds the limit").await;
+    }
+
+    #[tokio::test]
+    async fn unknown_frame_type_closes_the_connection() {
+        violation(frame(0, 99, 0, &[]), "unknown frame type 99").await;
+    }
+
+    #[tokio::test]
+    async fn stream_id_of_the_wrong_side_closes_the_connection() {
+        violation(frame(3, OPEN, 0, &[]), "invalid new stream id 3").await;
+    }
+
+    #[tokio::test]
+    async fn reused_stream_id_closes_the_connection() {
+        let mut bytes = frame(4, OPEN, 0, &[]);
+        bytes.extend(frame(2, OPEN, 0, &[]));
+        violation(bytes, "invalid new stream id 2").await;
+    }
+
+    #[tokio::test]
+    async fn nonzero_flags_close_the_connection() {
+        let mut bytes = frame(0, PING, 0, &[]);
+        bytes[5] = 1;
+        violation(bytes, "non-zero flags").await;
+    }
+
+    #[tokio::test]
+    async fn data_for_an_unknown_stream_returns_its_credit() {
+        let (conn, mut theirs) = start();
+        // Data for a stream nobody opened is dropped, and its connection credit comes back, so a peer
+        // cannot shrink our window by aiming at closed streams.
+        let chunk = vec![0u8; MAX_DATA_FRAME];
+        for _ in 0..(INITIAL_CONNECTION_WINDOW as usize / MAX_DATA_FRAME) + 4 {
+            theirs
+                .write_all(&frame(40, DATA, MAX_DATA_FRAME as u32, &chunk))
+                .await
+                .unwrap();
+        }
+        // Frames are handled in order: once this stream is accepted, all the data before it was handled.
+        theirs.write_all(&frame(2, OPEN, 0, &[])).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_stream())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_limit_are_refused_without_closing() {
+        let (conn, mut theirs) = start();
+        for id in (2..=2 * 9).step_by(2) {
+            theirs.write_all(&frame(id, OPEN, 0, &[])).await.unwrap();
+        }
+        for _ in 0..8 {
+            tokio::time::timeout(Duration::from_secs(5), conn.accept_stream())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // The ninth was refused with RESET and STOP carrying the refusal code.
+        let mut seen = vec![0u8; 4096];
+        let mut found = false;
+        for _ in 0..50 {
+            let n = tokio::time::timeout(Duration::from_secs(5), theirs.read(&mut seen))
+                .await
+                .unwrap()
+                .unwrap();
+            if seen[..n]
+                .windows(HEADER_LEN)
+                .any(|w| w == header(18, RESET, REFUSED_CODE))
+            {
+                found = true;
+                break;
+            }
+        }
+        assert!(found, "the ninth stream was refused");
+        assert!(conn.close_reason().is_none());
+    }
+}
