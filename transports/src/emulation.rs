@@ -8,7 +8,7 @@
 //! until the peer is revived.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -509,10 +509,25 @@ enum Piece {
     Finish(oneshot::Sender<Result<(), StreamError>>),
 }
 
+/// The inner send half of an emulated stream: when the forwarder ends without finishing (the stream was
+/// reset, or dropped), it resets the inner stream with the code the application gave.
+struct ResetOnDrop {
+    inner: SendStream,
+    code: Arc<AtomicU32>,
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        // A no-op after a successful finish.
+        self.inner.reset(self.code.load(Ordering::Acquire));
+    }
+}
+
 /// A send half whose data a forwarder task delivers after the link's latency, paced by its bandwidth.
 struct EmulatedSend {
     queue: Option<mpsc::Sender<Piece>>,
     forwarder: Option<JoinHandle<()>>,
+    reset_code: Arc<AtomicU32>,
     error: Arc<Mutex<Option<StreamError>>>,
     emulator: LinkEmulator,
     local: PeerId,
@@ -521,12 +536,18 @@ struct EmulatedSend {
 }
 
 impl EmulatedSend {
-    fn new(mut inner: SendStream, emulator: LinkEmulator, local: PeerId, remote: PeerId) -> Self {
+    fn new(inner: SendStream, emulator: LinkEmulator, local: PeerId, remote: PeerId) -> Self {
         let (queue, mut pieces) = mpsc::channel::<Piece>(STREAM_QUEUE_PIECES);
         let error = Arc::new(Mutex::new(None));
         let task_error = error.clone();
         let task_emulator = emulator.clone();
+        let reset_code = Arc::new(AtomicU32::new(0));
+        let mut inner = ResetOnDrop {
+            inner,
+            code: reset_code.clone(),
+        };
         let forwarder = tokio::spawn(async move {
+            let inner = &mut inner.inner;
             while let Some(piece) = pieces.recv().await {
                 match piece {
                     Piece::Data { arrival, bytes } => {
@@ -548,6 +569,7 @@ impl EmulatedSend {
         Self {
             queue: Some(queue),
             forwarder: Some(forwarder),
+            reset_code,
             error,
             emulator,
             local,
@@ -614,7 +636,8 @@ impl SendStreamImpl for EmulatedSend {
         result
     }
 
-    fn reset(&mut self, _code: u32) {
+    fn reset(&mut self, code: u32) {
+        self.reset_code.store(code, Ordering::Release);
         self.finished = true;
         self.queue = None;
         if let Some(forwarder) = self.forwarder.take() {

@@ -220,13 +220,8 @@ impl ListenerImpl for MemListener {
 
 impl Drop for MemListener {
     fn drop(&mut self) {
-        let mut listeners = self.hub.listeners.lock().expect("hub lock poisoned");
-        if listeners
-            .get(&self.name)
-            .is_some_and(|(peer, _)| *peer == self.local.peer().unwrap_or(*peer))
-        {
-            listeners.remove(&self.name);
-        }
+        // A name is registered by one listener at a time, so the entry is this listener's.
+        self.hub.listeners.lock().expect("hub lock poisoned").remove(&self.name);
     }
 }
 

@@ -232,3 +232,20 @@ async fn killed_peer_loses_every_stream_promptly() {
     let (dialed, accepted) = tokio::join!(others[0].dial(&address), listener.accept());
     assert!(dialed.is_ok() && accepted.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_keeps_its_code_through_emulation() {
+    let (_emulator, setup) = emulated(LinkConfig {
+        latency: Duration::from_millis(5),
+        ..Default::default()
+    });
+    let linked = link(&setup).await;
+    let (mut send, _recv) = linked.client.open_stream().await.unwrap();
+    send.write_all(b"x").await.unwrap();
+    let (_server_send, mut server_recv) = bounded("accept", linked.server.accept_stream()).await.unwrap();
+    let mut byte = [0u8; 1];
+    bounded("first byte", server_recv.read_exact(&mut byte)).await.unwrap();
+    send.reset(7);
+    let err = bounded("the reset", server_recv.read_chunk(16)).await.unwrap_err();
+    assert_eq!(err, colony_transports::StreamError::Reset(7));
+}
