@@ -1,0 +1,589 @@
+//! The record store core: the small, signed, expiring records every peer of a run holds (progress,
+//! matchmaking declarations, state-sharing offers). Pure: no I/O, no clock; time is passed in as seconds.
+//!
+//! A key holds either a *plain value* or a *dictionary* of subkeys, each entry with its own value and
+//! absolute expiration, following Hivemind's DHT storage rules:
+//!
+//! - a write to a slot (the plain value, or one subkey) wins only with a strictly later expiration;
+//! - entries expire at their expiration time and disappear;
+//! - storing `None` with a later expiration deletes (the tombstone blocks older writes until it expires);
+//! - the plain value is what a read sees only while its expiration is later than every subkey's; otherwise
+//!   a read sees the dictionary of subkeys (a dictionary's expiration is its latest subkey's);
+//! - a subkey that names a peer ([`Subkey::Peer`]) is accepted only with that peer's signature over
+//!   (run id, key, subkey, value, expiration), so nobody else can write it, even after the peer left.
+//!
+//! Unlike Hivemind's storage, the result does not depend on the order in which writes arrive: each slot
+//! keeps its latest write (ties broken by the bytes, so equal writes are idempotent) and what a read sees is
+//! derived from the slots. The one visible difference: a plain value that overrides a dictionary *hides*
+//! its subkeys instead of deleting them, so if a still newer subkey arrives later, the older unexpired
+//! subkeys are seen again. That is what makes every peer converge whatever the delivery order.
+//!
+//! Values are typed per key kind: a [`Schemas`] registry maps the kind (the key up to its first `/`) to a
+//! validator, usually an rkyv schema ([`Schemas::register`]). Limits bound keys, values and the number of
+//! records each peer may own.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use colony_transports::identity::{Keypair, PeerId, SIGNATURE_LEN};
+use colony_transports::wire::WireMessage;
+
+/// Seconds since the Unix epoch, as every peer's clock reads it.
+pub type Time = f64;
+
+/// The second level of a key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subkey {
+    /// A subkey owned by a peer: only that peer's signature makes a write valid.
+    Peer(PeerId),
+    /// A free-form subkey, writable by anyone in the run.
+    Name(String),
+}
+
+impl Subkey {
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            Subkey::Peer(peer) => {
+                out.push(1);
+                out.extend_from_slice(peer.as_bytes());
+            }
+            Subkey::Name(name) => {
+                out.push(2);
+                put_bytes(out, name.as_bytes());
+            }
+        }
+    }
+}
+
+/// One write: a plain value (`subkey: None`) or one subkey of a dictionary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The key, `<kind>` or `<kind>/<rest>`.
+    pub key: String,
+    /// The subkey, or `None` for the plain value.
+    pub subkey: Option<Subkey>,
+    /// The value, or `None` to delete.
+    pub value: Option<Bytes>,
+    /// When the entry expires.
+    pub expiration: Time,
+    /// The owner's signature, required for [`Subkey::Peer`] subkeys.
+    pub signature: Option<[u8; SIGNATURE_LEN]>,
+}
+
+impl Record {
+    /// A record signed by `keypair` (required when the subkey is `keypair`'s [`Subkey::Peer`]).
+    pub fn signed(
+        run_id: &str,
+        keypair: &Keypair,
+        key: impl Into<String>,
+        subkey: Option<Subkey>,
+        value: Option<Bytes>,
+        expiration: Time,
+    ) -> Self {
+        let mut record = Record {
+            key: key.into(),
+            subkey,
+            value,
+            expiration,
+            signature: None,
+        };
+        record.signature = Some(keypair.sign(&record.signed_bytes(run_id)));
+        record
+    }
+
+    /// The bytes a signature covers: a domain tag, the run id, key, subkey, value and expiration, each
+    /// length-prefixed so that no two records share an encoding.
+    pub fn signed_bytes(&self, run_id: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.key.len() + self.value.as_ref().map_or(0, Bytes::len));
+        out.extend_from_slice(b"colony/record/1");
+        put_bytes(&mut out, run_id.as_bytes());
+        put_bytes(&mut out, self.key.as_bytes());
+        match &self.subkey {
+            None => out.push(0),
+            Some(subkey) => subkey.encode_into(&mut out),
+        }
+        match &self.value {
+            None => out.push(0),
+            Some(value) => {
+                out.push(1);
+                put_bytes(&mut out, value);
+            }
+        }
+        out.extend_from_slice(&self.expiration.to_bits().to_le_bytes());
+        out
+    }
+
+    /// The kind of the key: the part before the first `/`.
+    pub fn kind(&self) -> &str {
+        self.key.split('/').next().unwrap_or("")
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A stored entry of one slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The value, or `None` for a deletion.
+    pub value: Option<Bytes>,
+    /// When it expires.
+    pub expiration: Time,
+    /// The writer's signature, if the record carried one.
+    pub signature: Option<[u8; SIGNATURE_LEN]>,
+}
+
+impl Entry {
+    /// Whether `self` wins over `other` in the same slot: a later expiration, or at the same expiration the
+    /// greater bytes (so that replicas agree whichever arrived first).
+    fn beats(&self, other: &Entry) -> bool {
+        match self.expiration.total_cmp(&other.expiration) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => (&self.value, self.signature) > (&other.value, other.signature),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Slots {
+    plain: Option<Entry>,
+    subkeys: BTreeMap<Subkey, Entry>,
+}
+
+impl Slots {
+    fn latest_subkey(&self) -> Option<Time> {
+        self.subkeys
+            .values()
+            .map(|entry| entry.expiration)
+            .max_by(f64::total_cmp)
+    }
+
+    fn view(&self) -> Option<View> {
+        if let Some(plain) = &self.plain
+            && self.latest_subkey().is_none_or(|latest| plain.expiration > latest)
+        {
+            return plain.value.clone().map(|value| View::Value {
+                value,
+                expiration: plain.expiration,
+            });
+        }
+        let entries: BTreeMap<Subkey, (Bytes, Time)> = self
+            .subkeys
+            .iter()
+            .filter_map(|(subkey, entry)| {
+                entry
+                    .value
+                    .clone()
+                    .map(|value| (subkey.clone(), (value, entry.expiration)))
+            })
+            .collect();
+        let expiration = self.latest_subkey()?;
+        (!entries.is_empty()).then_some(View::Dictionary { entries, expiration })
+    }
+
+    fn remove_expired(&mut self, now: Time) {
+        if self.plain.as_ref().is_some_and(|entry| entry.expiration <= now) {
+            self.plain = None;
+        }
+        self.subkeys.retain(|_, entry| entry.expiration > now);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plain.is_none() && self.subkeys.is_empty()
+    }
+}
+
+/// What a read of a key returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum View {
+    /// A plain value.
+    Value { value: Bytes, expiration: Time },
+    /// The merged dictionary of live subkeys; its expiration is the latest subkey's.
+    Dictionary {
+        entries: BTreeMap<Subkey, (Bytes, Time)>,
+        expiration: Time,
+    },
+}
+
+/// A (key, subkey, expiration) triple, for anti-entropy digests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DigestEntry {
+    /// The key.
+    pub key: String,
+    /// The subkey, `None` for the plain value.
+    pub subkey: Option<Subkey>,
+    /// The expiration of the entry held.
+    pub expiration: Time,
+}
+
+type Validator = Box<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
+
+/// Validators of values by key kind. A record whose kind has no validator is refused.
+#[derive(Default)]
+pub struct Schemas {
+    validators: HashMap<String, Validator>,
+}
+
+impl Schemas {
+    /// Values of keys of `kind` must be valid rkyv archives of `T`.
+    pub fn register<T: WireMessage>(&mut self, kind: &str) -> &mut Self {
+        self.register_with(kind, |bytes| {
+            // Network bytes may sit at any address; rkyv validates only aligned input.
+            let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+            aligned.extend_from_slice(bytes);
+            T::access_archived(&aligned).map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Values of keys of `kind` must pass `validator`.
+    pub fn register_with(
+        &mut self,
+        kind: &str,
+        validator: impl Fn(&[u8]) -> Result<(), String> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.validators.insert(kind.to_owned(), Box::new(validator));
+        self
+    }
+}
+
+/// Limits of a record store.
+#[derive(Debug, Clone)]
+pub struct RecordLimits {
+    /// Longest key.
+    pub max_key_bytes: usize,
+    /// Longest subkey name.
+    pub max_subkey_bytes: usize,
+    /// Largest value.
+    pub max_value_bytes: usize,
+    /// Entries one peer may own ([`Subkey::Peer`] subkeys naming it), over all keys.
+    pub max_records_per_peer: usize,
+    /// Entries in the whole store.
+    pub max_records: usize,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 256,
+            max_subkey_bytes: 256,
+            max_value_bytes: 16 * 1024,
+            max_records_per_peer: 64,
+            max_records: 100_000,
+        }
+    }
+}
+
+/// Why a record was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    /// The record expired before it was stored.
+    #[error("record {key} expired at {expiration}, before it was stored (now {now})")]
+    Expired { key: String, expiration: Time, now: Time },
+    /// The expiration is not a finite number.
+    #[error("record {key} has an invalid expiration {expiration}")]
+    InvalidExpiration { key: String, expiration: Time },
+    /// A size limit was exceeded.
+    #[error("record {key}: {what} of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        key: String,
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    /// The owner's signature is missing or wrong.
+    #[error("record {key}: subkey of peer {peer} {problem}")]
+    BadSignature {
+        key: String,
+        peer: PeerId,
+        problem: &'static str,
+    },
+    /// No validator for this key kind.
+    #[error("record {key}: unknown key kind '{kind}'")]
+    UnknownKind { key: String, kind: String },
+    /// The value does not match the key kind's schema.
+    #[error("record {key}: invalid value for kind '{kind}': {reason}")]
+    InvalidValue { key: String, kind: String, reason: String },
+    /// A count limit was reached.
+    #[error("record {key}: {what} limit of {limit} reached")]
+    LimitReached {
+        key: String,
+        what: &'static str,
+        limit: usize,
+    },
+}
+
+/// What a successful store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The write won its slot and changed what a read sees.
+    Visible,
+    /// The write won its slot but a read does not see it (a newer plain value or dictionary hides it).
+    Hidden,
+    /// The slot already held this write or a newer one; nothing changed.
+    Outdated,
+}
+
+/// The record store of one run.
+pub struct RecordStore {
+    run_id: String,
+    limits: RecordLimits,
+    schemas: Schemas,
+    keys: HashMap<String, Slots>,
+    per_peer: HashMap<PeerId, usize>,
+    entries: usize,
+}
+
+impl RecordStore {
+    /// An empty store for `run_id`.
+    pub fn new(run_id: impl Into<String>, limits: RecordLimits, schemas: Schemas) -> Self {
+        Self {
+            run_id: run_id.into(),
+            limits,
+            schemas,
+            keys: HashMap::new(),
+            per_peer: HashMap::new(),
+            entries: 0,
+        }
+    }
+
+    /// The run this store belongs to.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Checks everything about `record` that does not depend on the store's contents.
+    pub fn validate(&self, record: &Record, now: Time) -> Result<(), RecordError> {
+        let key = || record.key.clone();
+        if !record.expiration.is_finite() {
+            return Err(RecordError::InvalidExpiration {
+                key: key(),
+                expiration: record.expiration,
+            });
+        }
+        if record.expiration <= now {
+            return Err(RecordError::Expired {
+                key: key(),
+                expiration: record.expiration,
+                now,
+            });
+        }
+        let too_large = |what, len, limit| RecordError::TooLarge {
+            key: key(),
+            what,
+            len,
+            limit,
+        };
+        if record.key.len() > self.limits.max_key_bytes {
+            return Err(too_large("key", record.key.len(), self.limits.max_key_bytes));
+        }
+        if let Some(Subkey::Name(name)) = &record.subkey
+            && name.len() > self.limits.max_subkey_bytes
+        {
+            return Err(too_large("subkey", name.len(), self.limits.max_subkey_bytes));
+        }
+        if let Some(value) = &record.value {
+            if value.len() > self.limits.max_value_bytes {
+                return Err(too_large("value", value.len(), self.limits.max_value_bytes));
+            }
+            let kind = record.kind();
+            let validator = self
+                .schemas
+                .validators
+                .get(kind)
+                .ok_or_else(|| RecordError::UnknownKind {
+                    key: key(),
+                    kind: kind.to_owned(),
+                })?;
+            validator(value).map_err(|reason| RecordError::InvalidValue {
+                key: key(),
+                kind: kind.to_owned(),
+                reason,
+            })?;
+        }
+        if let Some(Subkey::Peer(peer)) = &record.subkey {
+            let signature = record.signature.ok_or(RecordError::BadSignature {
+                key: key(),
+                peer: *peer,
+                problem: "is not signed",
+            })?;
+            peer.verify(&record.signed_bytes(&self.run_id), &signature)
+                .map_err(|_| RecordError::BadSignature {
+                    key: key(),
+                    peer: *peer,
+                    problem: "carries a signature that is not the owner's",
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stores `record` if it is valid and newer than what its slot holds.
+    pub fn store(&mut self, record: Record, now: Time) -> Result<Stored, RecordError> {
+        self.validate(&record, now)?;
+        self.remove_expired_key(&record.key, now);
+        let before = self.keys.get(&record.key).and_then(Slots::view);
+        let entry = Entry {
+            value: record.value,
+            expiration: record.expiration,
+            signature: record.signature,
+        };
+        let slots = self.keys.get(&record.key);
+        let current = slots.and_then(|slots| match &record.subkey {
+            None => slots.plain.as_ref(),
+            Some(subkey) => slots.subkeys.get(subkey),
+        });
+        if current.is_some_and(|current| !entry.beats(current)) {
+            return Ok(Stored::Outdated);
+        }
+        if current.is_none() {
+            let owner = match &record.subkey {
+                Some(Subkey::Peer(peer)) => Some(*peer),
+                _ => None,
+            };
+            let over_quota = |store: &Self| {
+                store.entries >= store.limits.max_records
+                    || owner.is_some_and(|peer| {
+                        store.per_peer.get(&peer).copied().unwrap_or(0) >= store.limits.max_records_per_peer
+                    })
+            };
+            if over_quota(self) {
+                // Expired entries elsewhere may still count against the limits.
+                self.remove_expired(now);
+            }
+            if self.entries >= self.limits.max_records {
+                return Err(RecordError::LimitReached {
+                    key: record.key,
+                    what: "records in the store",
+                    limit: self.limits.max_records,
+                });
+            }
+            if let Some(Subkey::Peer(peer)) = &record.subkey {
+                let owned = self.per_peer.get(peer).copied().unwrap_or(0);
+                if owned >= self.limits.max_records_per_peer {
+                    return Err(RecordError::LimitReached {
+                        key: record.key,
+                        what: "records per peer",
+                        limit: self.limits.max_records_per_peer,
+                    });
+                }
+                self.per_peer.insert(*peer, owned + 1);
+            }
+            self.entries += 1;
+        }
+        let slots = self.keys.entry(record.key.clone()).or_default();
+        match record.subkey {
+            None => slots.plain = Some(entry),
+            Some(subkey) => {
+                slots.subkeys.insert(subkey, entry);
+            }
+        }
+        let after = slots.view();
+        Ok(if after != before {
+            Stored::Visible
+        } else {
+            Stored::Hidden
+        })
+    }
+
+    /// What a read of `key` sees at `now`: the plain value or the merged dictionary, without deletions.
+    pub fn get(&mut self, key: &str, now: Time) -> Option<View> {
+        self.remove_expired_key(key, now);
+        self.keys.get(key).and_then(Slots::view)
+    }
+
+    /// Drops every entry that expired at `now`.
+    pub fn remove_expired(&mut self, now: Time) {
+        let keys: Vec<String> = self.keys.keys().cloned().collect();
+        for key in keys {
+            self.remove_expired_key(&key, now);
+        }
+    }
+
+    fn remove_expired_key(&mut self, key: &str, now: Time) {
+        let Some(slots) = self.keys.get_mut(key) else { return };
+        let before: Vec<Subkey> = slots.subkeys.keys().cloned().collect();
+        let had_plain = slots.plain.is_some();
+        slots.remove_expired(now);
+        let removed_plain = usize::from(had_plain && slots.plain.is_none());
+        let mut removed = removed_plain;
+        for subkey in before.iter().filter(|subkey| !slots.subkeys.contains_key(*subkey)) {
+            removed += 1;
+            if let Subkey::Peer(peer) = subkey
+                && let Some(count) = self.per_peer.get_mut(peer)
+            {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_peer.remove(peer);
+                }
+            }
+        }
+        self.entries -= removed;
+        if slots.is_empty() {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Every entry held, as (key, subkey, expiration), sorted: what an anti-entropy exchange compares.
+    pub fn digest(&self) -> Vec<DigestEntry> {
+        let mut out: Vec<DigestEntry> = self
+            .keys
+            .iter()
+            .flat_map(|(key, slots)| {
+                let plain = slots.plain.iter().map(|entry| DigestEntry {
+                    key: key.clone(),
+                    subkey: None,
+                    expiration: entry.expiration,
+                });
+                let subkeys = slots.subkeys.iter().map(|(subkey, entry)| DigestEntry {
+                    key: key.clone(),
+                    subkey: Some(subkey.clone()),
+                    expiration: entry.expiration,
+                });
+                plain.chain(subkeys).collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.key, &a.subkey)
+                .cmp(&(&b.key, &b.subkey))
+                .then(a.expiration.total_cmp(&b.expiration))
+        });
+        out
+    }
+
+    /// The records held, to send to a peer (every entry as the record that wrote it).
+    pub fn records(&self) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.entries);
+        for (key, slots) in &self.keys {
+            let as_record = |subkey: Option<Subkey>, entry: &Entry| Record {
+                key: key.clone(),
+                subkey,
+                value: entry.value.clone(),
+                expiration: entry.expiration,
+                signature: entry.signature,
+            };
+            out.extend(slots.plain.iter().map(|entry| as_record(None, entry)));
+            out.extend(
+                slots
+                    .subkeys
+                    .iter()
+                    .map(|(subkey, entry)| as_record(Some(subkey.clone()), entry)),
+            );
+        }
+        out
+    }
+
+    /// How many entries (plain values, subkeys and deletions) the store holds.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// Whether the store holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+}
+
+#[cfg(test)]
+mod tests;
