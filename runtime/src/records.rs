@@ -552,6 +552,24 @@ impl RecordStore {
         out
     }
 
+    /// What a peer whose digest is `remote` lacks: every record held here whose slot the remote does not
+    /// have, or has with an older expiration. (Equal expirations are left to the next full exchange: the
+    /// digest does not carry the bytes that break such ties.) `remote` must be sorted as
+    /// [`RecordStore::digest`] returns it.
+    pub fn missing_from(&self, remote: &[DigestEntry], now: Time) -> Vec<Record> {
+        let held_remotely = |key: &str, subkey: &Option<Subkey>| {
+            remote
+                .binary_search_by(|entry| (entry.key.as_str(), &entry.subkey).cmp(&(key, subkey)))
+                .ok()
+                .map(|index| remote[index].expiration)
+        };
+        self.records()
+            .into_iter()
+            .filter(|record| record.expiration > now)
+            .filter(|record| held_remotely(&record.key, &record.subkey).is_none_or(|theirs| record.expiration > theirs))
+            .collect()
+    }
+
     /// The records held, to send to a peer (every entry as the record that wrote it).
     pub fn records(&self) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.entries);

@@ -425,6 +425,35 @@ fn limits_are_enforced() {
     assert_eq!(store.store(later, NOW + 1.5).unwrap(), Stored::Visible);
 }
 
+#[test]
+fn a_digest_exchange_sends_only_what_is_missing_and_converges() {
+    let (mut a, mut b) = (store(), store());
+    a.store(plain("test/shared", "old", NOW + 5.0), NOW).unwrap();
+    b.store(plain("test/shared", "new", NOW + 9.0), NOW).unwrap();
+    a.store(sub("test/only-a", "x", "1", NOW + 5.0), NOW).unwrap();
+    b.store(sub("test/only-b", "y", "2", NOW + 5.0), NOW).unwrap();
+    let same = sub("test/both", "z", "3", NOW + 5.0);
+    a.store(same.clone(), NOW).unwrap();
+    b.store(same, NOW).unwrap();
+
+    let to_b = a.missing_from(&b.digest(), NOW);
+    let to_a = b.missing_from(&a.digest(), NOW);
+    // Only the records the other side lacks or holds older travel.
+    assert_eq!(to_b.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["test/only-a"]);
+    let mut keys: Vec<&str> = to_a.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["test/only-b", "test/shared"]);
+    for record in to_b {
+        b.store(record, NOW).unwrap();
+    }
+    for record in to_a {
+        a.store(record, NOW).unwrap();
+    }
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(value_of(a.get("test/shared", NOW)), Some("new".into()));
+    assert!(a.missing_from(&b.digest(), NOW).is_empty() && b.missing_from(&a.digest(), NOW).is_empty());
+}
+
 /// A small universe of writes: few keys, subkeys and expirations, so that conflicts are frequent.
 fn arbitrary_record(signers: &[Keypair]) -> impl Strategy<Value = Record> + use<> {
     let signers: Vec<Keypair> = signers.to_vec();
