@@ -83,6 +83,25 @@ impl Address {
         self
     }
 
+    /// The socket addresses the location resolves to (at least one), for `tcp` and `quic` addresses.
+    pub async fn resolve(&self) -> Result<Vec<std::net::SocketAddr>, crate::error::TransportError> {
+        let io = |source| crate::error::TransportError::Io {
+            context: format!("resolving {}", self.location),
+            source,
+        };
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(self.location.as_str())
+            .await
+            .map_err(io)?
+            .collect();
+        if resolved.is_empty() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name resolves to no address",
+            )));
+        }
+        Ok(resolved)
+    }
+
     /// The same address without a required peer.
     pub fn without_peer(mut self) -> Self {
         self.peer = None;

@@ -195,22 +195,6 @@ fn check_scheme(address: &Address) -> Result<(), TransportError> {
     }
 }
 
-/// Resolves `host:port` to socket addresses (no lookup for literal IPs).
-async fn resolve(address: &Address) -> Result<Vec<SocketAddr>, TransportError> {
-    let host_port = address.location();
-    let resolved: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
-        .await
-        .map_err(|e| TransportError::io(format!("resolving {host_port}"), e))?
-        .collect();
-    if resolved.is_empty() {
-        return Err(TransportError::io(
-            format!("resolving {host_port}"),
-            std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"),
-        ));
-    }
-    Ok(resolved)
-}
-
 /// Binds a UDP socket at `address` and asks for `buffer_size` bytes of kernel buffers (best effort: the
 /// system may cap or refuse it, which only costs throughput).
 fn bind_udp(address: SocketAddr, buffer_size: usize) -> std::io::Result<std::net::UdpSocket> {
@@ -380,7 +364,7 @@ impl Transport for QuicTransport {
 
     async fn listen(&self, address: &Address) -> Result<Listener, TransportError> {
         check_scheme(address)?;
-        let bind = resolve(address).await?[0];
+        let bind = address.resolve().await?[0];
         let socket = bind_udp(bind, self.inner.config.socket_buffer_size).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => TransportError::AddressInUse {
                 address: address.to_string(),
@@ -438,7 +422,7 @@ impl Transport for QuicTransport {
     async fn dial(&self, address: &Address) -> Result<Connection, TransportError> {
         check_scheme(address)?;
         let mut last_error = None;
-        for target in resolve(address).await? {
+        for target in address.resolve().await? {
             match self.inner.dial_one(address, target).await {
                 Ok(conn) => return Ok(conn),
                 // A name may resolve to several addresses; only try the next one if this one did not answer.

@@ -103,15 +103,6 @@ impl TcpTransport {
     }
 }
 
-async fn resolve(address: &Address) -> Result<SocketAddr, TransportError> {
-    let location = address.location();
-    tokio::net::lookup_host(location)
-        .await
-        .map_err(|e| TransportError::io(format!("resolving {location}"), e))?
-        .next()
-        .ok_or_else(|| TransportError::io(format!("resolving {location}"), std::io::ErrorKind::NotFound.into()))
-}
-
 fn tcp_address(socket: SocketAddr, peer: Option<PeerId>) -> Address {
     Address::new(Scheme::Tcp, socket.to_string(), peer).expect("a socket address is a valid tcp location")
 }
@@ -128,7 +119,7 @@ impl Transport for TcpTransport {
 
     async fn listen(&self, address: &Address) -> Result<Listener, TransportError> {
         check_scheme(address)?;
-        let socket_address = resolve(address).await?;
+        let socket_address = address.resolve().await?[0];
         let listener = TcpListener::bind(socket_address).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 TransportError::AddressInUse {
@@ -167,7 +158,7 @@ impl Transport for TcpTransport {
 
     async fn dial(&self, address: &Address) -> Result<Connection, TransportError> {
         check_scheme(address)?;
-        let remote = resolve(address).await?;
+        let remote = address.resolve().await?[0];
         let socket = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(remote))
             .await
             .map_err(|_| TransportError::io(format!("connecting to {address}"), std::io::ErrorKind::TimedOut.into()))?
