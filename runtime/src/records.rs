@@ -22,6 +22,9 @@
 //! validator, usually an rkyv schema ([`Schemas::register`]). Limits bound keys, values and the number of
 //! records each peer may own.
 
+pub mod sync;
+pub mod wire;
+
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
