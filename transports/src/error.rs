@@ -114,6 +114,9 @@ pub enum StreamError {
     /// The stream ended before the expected number of bytes.
     #[error("the stream ended after {got} of {expected} expected bytes")]
     UnexpectedEnd { expected: usize, got: usize },
+    /// The stream carried more than the reader accepts; it was stopped.
+    #[error("the stream carries more than the limit of {limit} bytes")]
+    TooLong { limit: usize },
     /// A wait ran past its deadline.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },

@@ -361,13 +361,19 @@ impl ConnectionImpl for MuxConnection {
         if self.shared.close_reason().is_some() {
             return Err(self.closed_error());
         }
-        let id = self.shared.next_stream_id.fetch_add(2, Ordering::Relaxed);
-        if id >= u32::MAX - 2 {
-            return Err(StreamError::Refused("stream ids of this connection are used up".into()));
-        }
-        let (state, rx) = self.shared.new_stream(id, false);
-        self.shared.lock_streams().insert(id, state.clone());
-        self.shared.send_frame(id, OPEN, 0, Bytes::new());
+        let (id, state, rx) = {
+            // The id is taken and the OPEN frame queued under the table lock, so that concurrent opens put
+            // their OPEN frames on the wire in id order (the remote refuses an id lower than one it saw).
+            let mut streams = self.shared.lock_streams();
+            let id = self.shared.next_stream_id.fetch_add(2, Ordering::Relaxed);
+            if id >= u32::MAX - 2 {
+                return Err(StreamError::Refused("stream ids of this connection are used up".into()));
+            }
+            let (state, rx) = self.shared.new_stream(id, false);
+            streams.insert(id, state.clone());
+            self.shared.send_frame(id, OPEN, 0, Bytes::new());
+            (id, state, rx)
+        };
         self.shared.grant_initial_stream_credit(id);
         Ok(self.shared.halves(state, rx, self.guard.clone()))
     }

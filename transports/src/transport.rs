@@ -346,9 +346,7 @@ impl RecvStream {
         while let Some(chunk) = self.read_chunk(DEFAULT_CHUNK).await? {
             if out.len() + chunk.len() > limit {
                 self.stop(0);
-                return Err(StreamError::Io(format!(
-                    "stream carries more than the limit of {limit} bytes"
-                )));
+                return Err(StreamError::TooLong { limit });
             }
             out.extend_from_slice(&chunk);
         }

@@ -59,3 +59,15 @@ async fn hundreds_of_peers_on_one_hub() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_to_end_refuses_more_than_its_limit_and_stops_the_writer() {
+    let linked = support::link(&setup()).await;
+    let (mut send, _recv) = linked.client.open_stream().await.unwrap();
+    send.write_all(&[1u8; 100]).await.unwrap();
+    let (_server_send, mut server_recv) = support::bounded("accept", linked.server.accept_stream()).await.unwrap();
+    let err = support::bounded("read", server_recv.read_to_end(64)).await.unwrap_err();
+    assert_eq!(err, colony_transports::StreamError::TooLong { limit: 64 });
+    let err = send.write_all(b"more").await.unwrap_err();
+    assert!(matches!(err, colony_transports::StreamError::Stopped(_)), "{err}");
+}

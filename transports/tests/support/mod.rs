@@ -342,6 +342,50 @@ pub async fn exchange_datagram(from: &Connection, to: &Connection, message: &Byt
     .await
 }
 
+/// Streams opened from many tasks at once all arrive, and the connection stays open.
+pub async fn concurrent_opens(setup: Setup) {
+    let linked = link(&setup).await;
+    let (tasks, per_task) = (8usize, 100usize);
+    let accepting = {
+        let server = linked.server.clone();
+        tokio::spawn(async move {
+            let mut kept = Vec::with_capacity(tasks * per_task);
+            for _ in 0..tasks * per_task {
+                let (send, mut recv) = server.accept_stream().await.expect("accept");
+                let mut byte = [0u8; 1];
+                recv.read_exact(&mut byte).await.expect("the first byte");
+                kept.push((send, recv));
+            }
+            kept.len()
+        })
+    };
+    let openers = (0..tasks).map(|_| {
+        let client = linked.client.clone();
+        async move {
+            let mut kept = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let (mut send, recv) = client.open_stream().await.expect("open");
+                send.write_all(b"x").await.expect("write");
+                kept.push((send, recv));
+                tokio::task::yield_now().await;
+            }
+            // Keep the streams open until every one was accepted.
+            std::future::pending::<()>().await;
+            drop(kept);
+        }
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for opener in openers {
+        set.spawn(opener);
+    }
+    assert_eq!(
+        bounded("accepting every stream", accepting).await.unwrap(),
+        tasks * per_task
+    );
+    assert!(linked.client.close_reason().is_none() && linked.server.close_reason().is_none());
+    set.abort_all();
+}
+
 /// Dropping every handle closes the connection for the other side too.
 pub async fn drop_closes(setup: Setup) {
     let linked = link(&setup).await;
@@ -498,6 +542,11 @@ macro_rules! conformance_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn many_concurrent_streams() {
             support::many_concurrent_streams($setup()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_opens() {
+            support::concurrent_opens($setup()).await
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
