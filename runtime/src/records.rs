@@ -22,6 +22,7 @@
 //! validator, usually an rkyv schema ([`Schemas::register`]). Limits bound keys, values and the number of
 //! records each peer may own.
 
+pub mod rate;
 pub mod sync;
 pub mod wire;
 
