@@ -1000,6 +1000,10 @@ mod tests {
 
     /// Starts a dialer-side multiplexer whose remote is played by the test through `theirs`.
     fn start() -> (MuxConnection, tokio::io::DuplexStream) {
+        start_with(config())
+    }
+
+    fn start_with(config: MuxConfig) -> (MuxConnection, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(4 << 20);
         let (reader, writer) = tokio::io::split(ours);
         let (local, remote) = (
@@ -1008,7 +1012,7 @@ mod tests {
         );
         let address = Address::new(crate::Scheme::Mem, "test", Some(remote)).unwrap();
         (
-            MuxConnection::start(reader, writer, true, config(), local, remote, address),
+            MuxConnection::start(reader, writer, true, config, local, remote, address),
             theirs,
         )
     }
@@ -1028,6 +1032,46 @@ mod tests {
             String::from_utf8_lossy(&seen).contains(needle),
             "the GOAWAY names the violation"
         );
+    }
+
+    fn pair(keep_alive: Duration, idle: Duration) -> (MuxConnection, MuxConnection) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let config = MuxConfig {
+            keep_alive_interval: keep_alive,
+            idle_timeout: idle,
+            ..config()
+        };
+        let (pa, pb) = (
+            Keypair::from_seed([1; 32]).peer_id(),
+            Keypair::from_seed([2; 32]).peer_id(),
+        );
+        let start = |io: tokio::io::DuplexStream, dialer: bool, local: PeerId, remote: PeerId| {
+            let (reader, writer) = tokio::io::split(io);
+            let address = Address::new(crate::Scheme::Mem, "test", Some(remote)).unwrap();
+            MuxConnection::start(reader, writer, dialer, config.clone(), local, remote, address)
+        };
+        (start(a, true, pa, pb), start(b, false, pb, pa))
+    }
+
+    #[tokio::test]
+    async fn a_silent_remote_is_dropped_after_the_idle_timeout() {
+        let (conn, _silent_remote) = start_with(MuxConfig {
+            idle_timeout: Duration::from_millis(200),
+            ..config()
+        });
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("closes");
+        assert_eq!(reason, CloseReason::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn keep_alives_hold_an_idle_connection_open() {
+        let (a, b) = pair(Duration::from_millis(50), Duration::from_millis(1000));
+        // Several idle timeouts pass without application traffic; keep-alives hold both ends open.
+        let outcome = tokio::time::timeout(Duration::from_millis(3000), a.closed()).await;
+        assert!(outcome.is_err(), "closed despite keep-alives: {outcome:?}");
+        assert!(b.close_reason().is_none());
     }
 
     #[tokio::test]
