@@ -146,7 +146,8 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
     let (peers, tasks) = start_peers(&hub, 1).await;
     let victim = Keypair::generate();
     let mallory = Keypair::generate();
-    let conn = mallory_transport(&hub, &mallory)
+    let conn = hub
+        .transport(&mallory)
         .dial(&"mem://peer-0".parse().unwrap())
         .await
         .unwrap();
@@ -157,7 +158,7 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
         .await
         .unwrap();
     let empty = WireBatch::default().encode().unwrap();
-    send.send(&step(1), empty).await.unwrap();
+    send.send(&sync::step(1), empty).await.unwrap();
     let (_, reply) = tokio::time::timeout(WAIT, recv.recv_required("reply"))
         .await
         .unwrap()
@@ -173,7 +174,7 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
         records: vec![WireRecord::from(&forged)],
         digest: Vec::new(),
     };
-    send.send(&step(3), push.encode().unwrap()).await.unwrap();
+    send.send(&sync::step(3), push.encode().unwrap()).await.unwrap();
     send.finish().await.unwrap();
 
     let counters = peers[0].counters.clone();
@@ -192,12 +193,4 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
     for task in tasks {
         task.abort();
     }
-}
-
-fn mallory_transport(hub: &MemHub, keypair: &Keypair) -> Arc<dyn Transport> {
-    hub.transport(keypair)
-}
-
-fn step(number: u8) -> SyncStep {
-    sync::step(number)
 }

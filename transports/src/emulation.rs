@@ -622,18 +622,19 @@ impl SendStreamImpl for EmulatedSend {
         let queue = self.check()?.clone();
         self.finished = true;
         let (done, result) = oneshot::channel();
-        queue
-            .send(Piece::Finish(done))
-            .await
-            .map_err(|_| StreamError::ClosedLocally)?;
-        let result = result.await.unwrap_or(Err(StreamError::ClosedLocally));
-        if let Err(error) = &result
-            && let Some(stored) = self.error.lock().expect("lock poisoned").clone()
-        {
-            let _ = error;
-            return Err(stored);
-        }
-        result
+        let answer = match queue.send(Piece::Finish(done)).await {
+            Ok(()) => result.await.ok(),
+            Err(_) => None,
+        };
+        // No answer means the forwarder stopped on a write error, which it stored.
+        answer.unwrap_or_else(|| {
+            Err(self
+                .error
+                .lock()
+                .expect("lock poisoned")
+                .clone()
+                .unwrap_or(StreamError::ClosedLocally))
+        })
     }
 
     fn reset(&mut self, code: u32) {

@@ -297,68 +297,41 @@ impl MemEnd {
         let link = Arc::new(MemLink {
             closed: watch::channel(None).0,
         });
-        let guard_a = Arc::new(EndGuard {
-            link: link.clone(),
-            side: 0,
-        });
-        let guard_b = Arc::new(EndGuard {
-            link: link.clone(),
-            side: 1,
-        });
-        let (streams_to_b, streams_at_b) = mpsc::channel(config.max_pending_streams.max(1));
-        let (streams_to_a, streams_at_a) = mpsc::channel(config.max_pending_streams.max(1));
-        let (datagrams_to_b, datagrams_at_b) = mpsc::channel(config.datagram_queue.max(1));
-        let (datagrams_to_a, datagrams_at_a) = mpsc::channel(config.datagram_queue.max(1));
-        let end = |side: usize,
-                   local: PeerId,
-                   remote: PeerId,
-                   remote_address: Address,
-                   guard: &Arc<EndGuard>,
-                   other: &Arc<EndGuard>,
-                   to_other_streams,
-                   incoming_streams,
-                   to_other_datagrams,
-                   incoming_datagrams| {
-            Arc::new(MemEnd {
+        let guards = [0, 1].map(|side| {
+            Arc::new(EndGuard {
                 link: link.clone(),
                 side,
-                local,
-                remote,
-                remote_address,
-                guard: guard.clone(),
-                other_guard: Arc::downgrade(other),
-                to_other_streams,
-                incoming_streams: tokio::sync::Mutex::new(incoming_streams),
-                to_other_datagrams,
-                incoming_datagrams: tokio::sync::Mutex::new(incoming_datagrams),
-                config: config.clone(),
             })
-        };
-        let end_a = end(
-            0,
-            a.0,
-            b.0,
-            a.1,
-            &guard_a,
-            &guard_b,
-            streams_to_b,
-            streams_at_a,
-            datagrams_to_b,
-            datagrams_at_a,
-        );
-        let end_b = end(
-            1,
-            b.0,
-            a.0,
-            b.1,
-            &guard_b,
-            &guard_a,
-            streams_to_a,
-            streams_at_b,
-            datagrams_to_a,
-            datagrams_at_b,
-        );
-        (end_a, end_b)
+        });
+        // Each side reads its own inboxes; the other side holds the senders.
+        let (stream_senders, stream_inboxes): (Vec<_>, Vec<_>) =
+            (0..2).map(|_| mpsc::channel(config.max_pending_streams.max(1))).unzip();
+        let (datagram_senders, datagram_inboxes): (Vec<_>, Vec<_>) =
+            (0..2).map(|_| mpsc::channel(config.datagram_queue.max(1))).unzip();
+        let peers = [a, b];
+        let mut ends =
+            stream_inboxes
+                .into_iter()
+                .zip(datagram_inboxes)
+                .enumerate()
+                .map(|(side, (streams, datagrams))| {
+                    let other = 1 - side;
+                    Arc::new(MemEnd {
+                        link: link.clone(),
+                        side,
+                        local: peers[side].0,
+                        remote: peers[other].0,
+                        remote_address: peers[side].1.clone(),
+                        guard: guards[side].clone(),
+                        other_guard: Arc::downgrade(&guards[other]),
+                        to_other_streams: stream_senders[other].clone(),
+                        incoming_streams: tokio::sync::Mutex::new(streams),
+                        to_other_datagrams: datagram_senders[other].clone(),
+                        incoming_datagrams: tokio::sync::Mutex::new(datagrams),
+                        config: config.clone(),
+                    })
+                });
+        (ends.next().expect("two ends"), ends.next().expect("two ends"))
     }
 
     fn check_open(&self) -> Result<(), StreamError> {

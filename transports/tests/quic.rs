@@ -33,12 +33,17 @@ fn loopback() -> Address {
     "quic://127.0.0.1:0".parse().unwrap()
 }
 
-fn setup() -> Setup {
+/// A server and a client with the given configurations, listening on loopback.
+fn setup_with(server: QuicConfig, client: QuicConfig) -> Setup {
     Setup {
-        server: transport(),
-        client: transport(),
+        server: transport_with(server),
+        client: transport_with(client),
         listen: loopback(),
     }
+}
+
+fn setup() -> Setup {
+    setup_with(QuicConfig::default(), QuicConfig::default())
 }
 
 conformance_tests!(setup);
@@ -60,12 +65,7 @@ async fn close_is_observed() {
         receive_window: 1 << 20,
         ..QuicConfig::default()
     };
-    let setup = Setup {
-        server: transport_with(remote),
-        client: transport_with(closer),
-        listen: loopback(),
-    };
-    support::close_is_observed(setup).await
+    support::close_is_observed(setup_with(remote, closer)).await
 }
 
 /// Dials `listener` from `dialer` and accepts the connection there: (dialed end, accepted end).
@@ -298,11 +298,7 @@ async fn idle_connections_time_out() {
         keep_alive_interval: Duration::ZERO,
         ..QuicConfig::default()
     };
-    let setup = Setup {
-        server: transport_with(config.clone()),
-        client: transport_with(config),
-        listen: loopback(),
-    };
+    let setup = setup_with(config.clone(), config);
     let linked = support::link(&setup).await;
     assert_eq!(
         bounded("client idles out", linked.client.closed()).await,
@@ -321,11 +317,7 @@ async fn keep_alives_hold_an_idle_connection_open() {
         keep_alive_interval: Duration::from_millis(100),
         ..QuicConfig::default()
     };
-    let setup = Setup {
-        server: transport_with(config.clone()),
-        client: transport_with(config),
-        listen: loopback(),
-    };
+    let setup = setup_with(config.clone(), config);
     let linked = support::link(&setup).await;
     // Several idle timeouts pass without traffic from the application.
     let outcome = tokio::time::timeout(Duration::from_millis(3000), linked.client.closed()).await;

@@ -215,6 +215,18 @@ fn storing_none_deletes_until_the_deletion_expires() {
     );
 }
 
+/// A record under `owner`'s own subkey of `key`, signed by `signer` for `run`.
+fn peer_record(
+    run: &str,
+    signer: &Keypair,
+    owner: PeerId,
+    key: &str,
+    value: Option<Bytes>,
+    expiration: Time,
+) -> Record {
+    Record::signed(run, signer, key, Some(Subkey::Peer(owner)), value, expiration)
+}
+
 fn progress(epoch: u64) -> Bytes {
     Bytes::from(
         rkyv::to_bytes::<rkyv::rancor::Error>(&Progress {
@@ -230,77 +242,35 @@ fn progress(epoch: u64) -> Bytes {
 fn a_peer_subkey_needs_its_owners_signature() {
     let (alice, bob, mallory) = (Keypair::generate(), Keypair::generate(), Keypair::generate());
     let mut store = store();
-    let own = Record::signed(
-        RUN,
-        &alice,
-        "progress",
-        Some(Subkey::Peer(alice.peer_id())),
-        Some(progress(1)),
-        NOW + 10.0,
-    );
+    let own = peer_record(RUN, &alice, alice.peer_id(), "progress", Some(progress(1)), NOW + 10.0);
     assert_eq!(store.store(own, NOW).unwrap(), Stored::Visible);
 
     let unsigned = Record {
         signature: None,
-        ..Record::signed(
-            RUN,
-            &bob,
-            "progress",
-            Some(Subkey::Peer(bob.peer_id())),
-            Some(progress(1)),
-            NOW + 10.0,
-        )
+        ..peer_record(RUN, &bob, bob.peer_id(), "progress", Some(progress(1)), NOW + 10.0)
     };
     let err = store.store(unsigned, NOW).unwrap_err();
     assert!(err.to_string().contains("is not signed"), "{err}");
 
-    let mut invalid = Record::signed(
-        RUN,
-        &bob,
-        "progress",
-        Some(Subkey::Peer(bob.peer_id())),
-        Some(progress(1)),
-        NOW + 10.0,
-    );
+    let mut invalid = peer_record(RUN, &bob, bob.peer_id(), "progress", Some(progress(1)), NOW + 10.0);
     invalid.signature = Some([0xab; SIGNATURE_LEN]);
     let err = store.store(invalid, NOW).unwrap_err();
     assert!(err.to_string().contains("not the owner's"), "{err}");
 
-    let forged = Record::signed(
-        RUN,
-        &mallory,
-        "progress",
-        Some(Subkey::Peer(bob.peer_id())),
-        Some(progress(1)),
-        NOW + 10.0,
-    );
+    let forged = peer_record(RUN, &mallory, bob.peer_id(), "progress", Some(progress(1)), NOW + 10.0);
     assert!(matches!(
         store.store(forged, NOW),
         Err(RecordError::BadSignature { .. })
     ));
 
-    let other_run = Record::signed(
-        "run-2",
-        &bob,
-        "progress",
-        Some(Subkey::Peer(bob.peer_id())),
-        Some(progress(1)),
-        NOW + 10.0,
-    );
+    let other_run = peer_record("run-2", &bob, bob.peer_id(), "progress", Some(progress(1)), NOW + 10.0);
     assert!(
         matches!(store.store(other_run, NOW), Err(RecordError::BadSignature { .. })),
         "signed for another run"
     );
 
     // A changed value under a valid signature of other bytes is refused too.
-    let mut tampered = Record::signed(
-        RUN,
-        &bob,
-        "progress",
-        Some(Subkey::Peer(bob.peer_id())),
-        Some(progress(1)),
-        NOW + 10.0,
-    );
+    let mut tampered = peer_record(RUN, &bob, bob.peer_id(), "progress", Some(progress(1)), NOW + 10.0);
     tampered.value = Some(progress(2));
     assert!(matches!(
         store.store(tampered, NOW),
@@ -314,14 +284,7 @@ fn nobody_overwrites_a_departed_peers_subkey() {
     let mut store = store();
     {
         let bob = Keypair::generate();
-        let bobs = Record::signed(
-            RUN,
-            &bob,
-            "progress",
-            Some(Subkey::Peer(bob.peer_id())),
-            Some(progress(3)),
-            NOW + 60.0,
-        );
+        let bobs = peer_record(RUN, &bob, bob.peer_id(), "progress", Some(progress(3)), NOW + 60.0);
         store.store(bobs, NOW).unwrap();
     }
     // Bob has left the swarm, and his key with him; his record lives on until it expires.
@@ -347,11 +310,11 @@ fn nobody_overwrites_a_departed_peers_subkey() {
 fn values_are_checked_against_their_kind() {
     let mut store = store();
     let keypair = Keypair::generate();
-    let garbage = Record::signed(
+    let garbage = peer_record(
         RUN,
         &keypair,
+        keypair.peer_id(),
         "progress",
-        Some(Subkey::Peer(keypair.peer_id())),
         Some(Bytes::from_static(b"xyz")),
         NOW + 1.0,
     );
@@ -387,32 +350,32 @@ fn limits_are_enforced() {
     );
     let peer = Keypair::generate();
     for key in ["test/1", "test/2"] {
-        let record = Record::signed(
+        let record = peer_record(
             RUN,
             &peer,
+            peer.peer_id(),
             key,
-            Some(Subkey::Peer(peer.peer_id())),
             Some(Bytes::from_static(b"v")),
             NOW + 1.0,
         );
         store.store(record, NOW).unwrap();
     }
-    let third = Record::signed(
+    let third = peer_record(
         RUN,
         &peer,
+        peer.peer_id(),
         "test/3",
-        Some(Subkey::Peer(peer.peer_id())),
         Some(Bytes::from_static(b"v")),
         NOW + 1.0,
     );
     let err = store.store(third.clone(), NOW).unwrap_err();
     assert!(err.to_string().contains("records per peer limit of 2"), "{err}");
     // Updating a record it owns is still fine, and expiry frees the quota.
-    let update = Record::signed(
+    let update = peer_record(
         RUN,
         &peer,
+        peer.peer_id(),
         "test/1",
-        Some(Subkey::Peer(peer.peer_id())),
         Some(Bytes::from_static(b"w")),
         NOW + 2.0,
     );
