@@ -6,4 +6,5 @@
 //! Built so far: [`records`], the pure core of the replicated record store (storage rules, signatures,
 //! typed values, limits). The membership actor that disseminates records comes next.
 
+pub mod membership;
 pub mod records;

@@ -23,6 +23,7 @@
 //! records each peer may own.
 
 pub mod rate;
+pub mod replica;
 pub mod sync;
 pub mod wire;
 
@@ -319,6 +320,21 @@ pub enum RecordError {
     },
 }
 
+impl RecordError {
+    /// A short, stable name of the kind of refusal, for counters and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RecordError::Expired { .. } => "expired",
+            RecordError::InvalidExpiration { .. } => "invalid_expiration",
+            RecordError::TooLarge { .. } => "too_large",
+            RecordError::BadSignature { .. } => "bad_signature",
+            RecordError::UnknownKind { .. } => "unknown_kind",
+            RecordError::InvalidValue { .. } => "invalid_value",
+            RecordError::LimitReached { .. } => "limit_reached",
+        }
+    }
+}
+
 /// What a successful store did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -527,6 +543,41 @@ impl RecordStore {
         if slots.is_empty() {
             self.keys.remove(key);
         }
+    }
+
+    /// Whether `record` would win its slot (checked before a rate limit is charged for it). It does not
+    /// validate the record.
+    pub fn would_win(&self, record: &Record) -> bool {
+        let entry = Entry {
+            value: record.value.clone(),
+            expiration: record.expiration,
+            signature: record.signature,
+        };
+        let current = self.keys.get(&record.key).and_then(|slots| match &record.subkey {
+            None => slots.plain.as_ref(),
+            Some(subkey) => slots.subkeys.get(subkey),
+        });
+        current.is_none_or(|current| entry.beats(current))
+    }
+
+    /// A hash of the digest: two stores with the same fingerprint hold the same slots at the same
+    /// expirations, so an anti-entropy exchange between them can stop after comparing fingerprints.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut scratch = Vec::with_capacity(128);
+        for entry in self.digest() {
+            scratch.clear();
+            put_bytes(&mut scratch, entry.key.as_bytes());
+            match &entry.subkey {
+                None => scratch.push(0),
+                Some(subkey) => subkey.encode_into(&mut scratch),
+            }
+            scratch.extend_from_slice(&entry.expiration.to_bits().to_le_bytes());
+            hasher.update(&scratch);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hasher.finish().as_ref());
+        out
     }
 
     /// Every entry held, as (key, subkey, expiration), sorted: what an anti-entropy exchange compares.

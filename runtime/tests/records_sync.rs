@@ -1,12 +1,12 @@
 //! Anti-entropy over real connections: peers that each hold their own signed record converge by pairwise
 //! digest exchanges, sending only what is missing; forged records pushed by a peer are refused and counted.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use colony::records::sync::{self, Clock, SharedStore, SyncCounters, SyncStep};
+use colony::records::replica::{PublishLimits, Replica};
+use colony::records::sync::{self, Clock, SyncStep, steps};
 use colony::records::wire::{WireBatch, WireRecord};
 use colony::records::{Record, RecordLimits, RecordStore, Schemas, Subkey};
 use colony_transports::mem::MemHub;
@@ -18,8 +18,7 @@ const NOW: f64 = 1_000.0;
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Peer {
-    store: SharedStore,
-    counters: Arc<SyncCounters>,
+    replica: Arc<Replica>,
     transport: Arc<dyn Transport>,
 }
 
@@ -27,7 +26,7 @@ fn clock() -> Clock {
     Arc::new(|| NOW)
 }
 
-fn new_store() -> SharedStore {
+fn new_replica() -> Arc<Replica> {
     let mut schemas = Schemas::default();
     schemas.register_with("progress", |value| {
         if value.len() == 8 {
@@ -36,7 +35,8 @@ fn new_store() -> SharedStore {
             Err("8 bytes expected".into())
         }
     });
-    Arc::new(Mutex::new(RecordStore::new(RUN, RecordLimits::default(), schemas)))
+    let store = RecordStore::new(RUN, RecordLimits::default(), schemas);
+    Arc::new(Replica::new(store, clock(), PublishLimits::default()))
 }
 
 fn own_record(keypair: &Keypair, epoch: u64) -> Record {
@@ -57,16 +57,13 @@ async fn start_peers(hub: &MemHub, n: usize) -> (Vec<Peer>, Vec<tokio::task::Joi
     let mut tasks = Vec::new();
     for i in 0..n {
         let keypair = Keypair::generate();
-        let store = new_store();
-        store
-            .lock()
-            .unwrap()
-            .store(own_record(&keypair, i as u64), NOW)
+        let replica = new_replica();
+        replica
+            .apply(own_record(&keypair, i as u64), keypair.peer_id())
             .unwrap();
-        let counters = Arc::new(SyncCounters::default());
         let transport = hub.transport(&keypair);
         let mut router = Router::default();
-        sync::serve(&mut router, store.clone(), clock(), counters.clone());
+        sync::serve(&mut router, replica.clone());
         let router = Arc::new(router);
         let mut listener = transport
             .listen(&format!("mem://peer-{i}").parse().unwrap())
@@ -78,11 +75,7 @@ async fn start_peers(hub: &MemHub, n: usize) -> (Vec<Peer>, Vec<tokio::task::Joi
                 serving.spawn(router.clone().serve(conn));
             }
         }));
-        peers.push(Peer {
-            store,
-            counters,
-            transport,
-        });
+        peers.push(Peer { replica, transport });
     }
     (peers, tasks)
 }
@@ -105,12 +98,12 @@ async fn a_ring_of_exchanges_converges() {
     }
     // Each round, every peer exchanges with its successor; news travels both ways around the ring.
     let mut rounds = 0;
-    while peers.iter().any(|peer| peer.store.lock().unwrap().len() < n) {
+    while peers.iter().any(|peer| peer.replica.len() < n) {
         rounds += 1;
         assert!(rounds <= n, "no convergence after {n} rounds");
         for (peer, conn) in peers.iter().zip(&connections) {
-            let (clock, config) = (clock(), StreamConfig::default());
-            let exchange = sync::sync_with(conn, &peer.store, &clock, &peer.counters, &config);
+            let config = StreamConfig::default();
+            let exchange = sync::sync_with(conn, &peer.replica, &config);
             tokio::time::timeout(WAIT, exchange)
                 .await
                 .expect("exchange in time")
@@ -118,22 +111,16 @@ async fn a_ring_of_exchanges_converges() {
         }
     }
     println!("converged after {rounds} rounds");
-    let digest = peers[0].store.lock().unwrap().digest();
-    assert_eq!(digest.len(), n);
+    let digest = peers[0].replica.digest();
+    assert_eq!(digest.0.len(), n);
     for peer in &peers {
-        assert_eq!(peer.store.lock().unwrap().digest(), digest);
-        assert_eq!(peer.counters.refused.load(Ordering::Relaxed), 0);
+        assert_eq!(peer.replica.digest(), digest);
+        assert_eq!(peer.replica.counters().refused_total(), 0);
     }
-    // A further exchange between converged peers carries no record.
-    let again = sync::sync_with(
-        &connections[0],
-        &peers[0].store,
-        &clock(),
-        &peers[0].counters,
-        &StreamConfig::default(),
-    )
-    .await
-    .unwrap();
+    // A further exchange between converged peers stops at the fingerprints and carries no record.
+    let again = sync::sync_with(&connections[0], &peers[0].replica, &StreamConfig::default())
+        .await
+        .unwrap();
     assert_eq!(again.received, 0);
     for task in tasks {
         task.abort();
@@ -152,21 +139,22 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
         .await
         .unwrap();
 
-    // Mallory speaks the protocol by hand: an empty digest, then a push of a record she signed for the victim.
+    // Mallory speaks the protocol by hand: a fingerprint that matches nothing, then a reply carrying a record
+    // she signed for the victim.
     let config = StreamConfig::default();
     let (mut send, mut recv) = colony_transports::rpc::open::<SyncStep>(&conn, &sync::protocol(), &config)
         .await
         .unwrap();
-    let empty = WireBatch::default().encode().unwrap();
-    send.send(&sync::step(1), empty).await.unwrap();
-    let (_, reply) = tokio::time::timeout(WAIT, recv.recv_required("reply"))
+    send.send(&SyncStep::plain(steps::OFFER), Bytes::new()).await.unwrap();
+    let (step, digest) = tokio::time::timeout(WAIT, recv.recv_required("digest"))
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(step.step, steps::DIGEST);
     assert_eq!(
-        WireBatch::decode(&reply).unwrap().records.len(),
+        WireBatch::decode(&digest).unwrap().digest.len(),
         1,
-        "the honest peer offers its own record"
+        "the honest peer shows its digest"
     );
     let mut forged = own_record(&mallory, 666);
     forged.subkey = Some(Subkey::Peer(victim.peer_id()));
@@ -174,22 +162,25 @@ async fn forged_records_pushed_by_a_peer_are_refused() {
         records: vec![WireRecord::from(&forged)],
         digest: Vec::new(),
     };
-    send.send(&sync::step(3), push.encode().unwrap()).await.unwrap();
+    send.send(&SyncStep::plain(steps::REPLY), push.encode().unwrap())
+        .await
+        .unwrap();
+    // The honest peer answers with what Mallory lacks: its own record.
+    let (step, pushed) = tokio::time::timeout(WAIT, recv.recv_required("push"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(step.step, steps::PUSH);
+    assert_eq!(WireBatch::decode(&pushed).unwrap().records.len(), 1);
     send.finish().await.unwrap();
 
-    let counters = peers[0].counters.clone();
-    tokio::time::timeout(WAIT, async {
-        while counters.refused.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the forged record is refused");
+    let replica = peers[0].replica.clone();
     assert_eq!(
-        peers[0].store.lock().unwrap().len(),
+        replica.counters().refused("bad_signature"),
         1,
-        "only the peer's own record is stored"
+        "the forged record is refused"
     );
+    assert_eq!(replica.len(), 1, "only the peer's own record is stored");
     for task in tasks {
         task.abort();
     }

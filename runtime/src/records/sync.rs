@@ -1,47 +1,66 @@
-//! Anti-entropy: two peers compare digests of their record stores and send each other only what the other
-//! lacks, in one and a half round trips on one stream of protocol `/colony/records/1`:
+//! Anti-entropy: two peers compare their record stores and send each other only what the other lacks, on
+//! one stream of protocol `/colony/records/2`:
 //!
-//! 1. the initiator sends its digest;
-//! 2. the responder sends the records the initiator lacks, and its own digest;
-//! 3. the initiator sends the records the responder lacks.
+//! 1. the initiator sends the fingerprint of its digest (a hash, 32 bytes);
+//! 2. the responder answers "same" when the fingerprints match (the common case, and the end of the
+//!    exchange), else its digest;
+//! 3. the initiator sends the records the responder lacks, and its own digest;
+//! 4. the responder sends the records the initiator lacks.
 //!
-//! Every received record goes through [`RecordStore::store`], so forged, malformed or oversized ones are
+//! Every received record goes through [`Replica::apply_wire`], so forged, malformed or oversized ones are
 //! refused and counted, never stored. Batches travel as frame payloads, bounded by the frame limits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use colony_transports::Connection;
 use colony_transports::rpc::{self, Router, StreamConfig};
 use colony_transports::wire::{ProtocolId, WireError};
+use colony_transports::{Connection, PeerId};
 
+use super::Time;
+use super::replica::Replica;
 use super::wire::{WireBatch, WireDigestEntry, WireRecord};
-use super::{Record, RecordStore, Stored, Time};
+use super::{DigestEntry, Record, Stored};
 
-/// A record store shared between the protocol handlers and its owner.
-pub type SharedStore = Arc<Mutex<RecordStore>>;
 /// The clock the store's expirations are compared with (seconds since the Unix epoch).
 pub type Clock = Arc<dyn Fn() -> Time + Send + Sync>;
 
-const DIGEST: u8 = 1;
-const REPLY: u8 = 2;
-const PUSH: u8 = 3;
-
-/// The frame header of each step; the batch travels as the payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct SyncStep {
-    step: u8,
+/// The step numbers of the exchange.
+pub mod steps {
+    /// Initiator: the fingerprint of its digest.
+    pub const OFFER: u8 = 1;
+    /// Responder: the fingerprints match; the exchange ends.
+    pub const SAME: u8 = 2;
+    /// Responder: its digest.
+    pub const DIGEST: u8 = 3;
+    /// Initiator: what the responder lacks, and its own digest.
+    pub const REPLY: u8 = 4;
+    /// Responder: what the initiator lacks.
+    pub const PUSH: u8 = 5;
 }
 
-/// A step header with the given number (1 digest, 2 reply, 3 push), for tests that play a peer by hand.
-pub fn step(step: u8) -> SyncStep {
-    SyncStep { step }
+/// The frame header of each step; batches travel as payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SyncStep {
+    /// One of [`steps`].
+    pub step: u8,
+    /// The sender's fingerprint (in [`steps::OFFER`]; zero otherwise).
+    pub fingerprint: [u8; 32],
+}
+
+impl SyncStep {
+    /// A step without a fingerprint.
+    pub fn plain(step: u8) -> Self {
+        Self {
+            step,
+            fingerprint: [0; 32],
+        }
+    }
 }
 
 /// The protocol id of the exchange.
 pub fn protocol() -> ProtocolId {
-    ProtocolId::new("records", 1).expect("a valid protocol name")
+    ProtocolId::new("records", 2).expect("a valid protocol name")
 }
 
 /// What one exchange brought in.
@@ -51,41 +70,22 @@ pub struct Applied {
     pub received: usize,
     /// Records that won their slot.
     pub stored: usize,
-    /// Records that were refused (malformed, forged, invalid, over a limit).
+    /// Records that were refused (malformed, forged, invalid, throttled, over a limit).
     pub refused: usize,
 }
 
-/// Counters of the records a peer served and received through anti-entropy.
-#[derive(Debug, Default)]
-pub struct SyncCounters {
-    /// Records stored from peers.
-    pub stored: AtomicU64,
-    /// Records refused from peers.
-    pub refused: AtomicU64,
-}
-
-fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, RecordStore> {
-    store.lock().expect("record store lock poisoned")
-}
-
-fn apply(store: &SharedStore, records: Vec<WireRecord>, now: Time, counters: &SyncCounters) -> Applied {
+fn apply(replica: &Replica, records: Vec<WireRecord>, from: PeerId) -> Applied {
     let mut applied = Applied {
         received: records.len(),
         ..Applied::default()
     };
-    let mut store = lock(store);
     for wire in records {
-        let result = Record::try_from(wire)
-            .map_err(|e| e.to_string())
-            .and_then(|record| store.store(record, now).map_err(|e| e.to_string()));
-        match result {
+        match replica.apply_wire(wire, from) {
             Ok(Stored::Visible | Stored::Hidden) => applied.stored += 1,
             Ok(Stored::Outdated) => {}
             Err(_) => applied.refused += 1,
         }
     }
-    counters.stored.fetch_add(applied.stored as u64, Ordering::Relaxed);
-    counters.refused.fetch_add(applied.refused as u64, Ordering::Relaxed);
     applied
 }
 
@@ -93,71 +93,84 @@ fn malformed(error: impl std::fmt::Display) -> WireError {
     WireError::Malformed(error.to_string())
 }
 
-fn batch(records: &[Record], digest: Option<&RecordStore>) -> Result<Bytes, WireError> {
+fn batch(records: &[Record], digest: &[DigestEntry]) -> Result<Bytes, WireError> {
     WireBatch {
         records: records.iter().map(WireRecord::from).collect(),
-        digest: digest
-            .map(|store| store.digest().iter().map(WireDigestEntry::from).collect())
-            .unwrap_or_default(),
+        digest: digest.iter().map(WireDigestEntry::from).collect(),
     }
     .encode()
     .map_err(malformed)
 }
 
-fn expect_step(got: SyncStep, want: u8) -> Result<(), WireError> {
-    if got.step == want {
-        Ok(())
+fn expect_step(got: SyncStep, want: &[u8]) -> Result<u8, WireError> {
+    if want.contains(&got.step) {
+        Ok(got.step)
     } else {
         Err(WireError::Malformed(format!(
-            "records exchange: step {} where step {want} was expected",
+            "records exchange: step {} where one of {want:?} was expected",
             got.step
         )))
     }
 }
 
 /// Runs one exchange with the peer at the other end of `conn`, as the initiator.
-pub async fn sync_with(
-    conn: &Connection,
-    store: &SharedStore,
-    clock: &Clock,
-    counters: &SyncCounters,
-    config: &StreamConfig,
-) -> Result<Applied, WireError> {
+pub async fn sync_with(conn: &Connection, replica: &Replica, config: &StreamConfig) -> Result<Applied, WireError> {
+    let from = conn.remote_peer();
     let (mut send, mut recv) = rpc::open::<SyncStep>(conn, &protocol(), config).await?;
-    let digest = batch(&[], Some(&lock(store)))?;
-    send.send(&SyncStep { step: DIGEST }, digest).await?;
-    let (step, payload) = recv.recv_required("the peer's records and digest").await?;
-    expect_step(step, REPLY)?;
-    let reply = WireBatch::decode(&payload).map_err(malformed)?;
-    let theirs = reply.digest_entries().map_err(malformed)?;
-    let now = clock();
-    let applied = apply(store, reply.records, now, counters);
-    let missing = lock(store).missing_from(&theirs, now);
-    send.send(&SyncStep { step: PUSH }, batch(&missing, None)?).await?;
+    let (digest, fingerprint) = replica.digest();
+    let offer = SyncStep {
+        step: steps::OFFER,
+        fingerprint,
+    };
+    send.send(&offer, Bytes::new()).await?;
+    let (step, payload) = recv.recv_required("the peer's fingerprint check").await?;
+    if expect_step(step, &[steps::SAME, steps::DIGEST])? == steps::SAME {
+        send.finish().await?;
+        return Ok(Applied::default());
+    }
+    let theirs = WireBatch::decode(&payload)
+        .and_then(|b| b.digest_entries())
+        .map_err(malformed)?;
+    let missing = replica.missing_from(&theirs);
+    send.send(&SyncStep::plain(steps::REPLY), batch(&missing, &digest)?)
+        .await?;
+    let (step, payload) = recv.recv_required("the records this peer lacks").await?;
+    expect_step(step, &[steps::PUSH])?;
+    let pushed = WireBatch::decode(&payload).map_err(malformed)?;
+    let applied = apply(replica, pushed.records, from);
     send.finish().await?;
     Ok(applied)
 }
 
 /// Serves the exchange on `router`, as the responder.
-pub fn serve(router: &mut Router, store: SharedStore, clock: Clock, counters: Arc<SyncCounters>) {
+pub fn serve(router: &mut Router, replica: Arc<Replica>) {
     router.stream(protocol(), move |mut incoming| {
-        let (store, clock, counters) = (store.clone(), clock.clone(), counters.clone());
+        let replica = replica.clone();
         async move {
+            let from = incoming.peer;
             let mut recv = incoming.framed::<SyncStep>();
-            let (step, payload) = recv.recv_required("a digest").await?;
-            expect_step(step, DIGEST)?;
-            let theirs = WireBatch::decode(&payload)
-                .and_then(|b| b.digest_entries())
-                .map_err(malformed)?;
-            let reply = {
-                let store = lock(&store);
-                batch(&store.missing_from(&theirs, clock()), Some(&store))?
-            };
-            incoming.send.send(&SyncStep { step: REPLY }, reply).await?;
+            let (offer, _) = recv.recv_required("a fingerprint").await?;
+            expect_step(offer, &[steps::OFFER])?;
+            let (digest, fingerprint) = replica.digest();
+            if offer.fingerprint == fingerprint {
+                incoming.send.send(&SyncStep::plain(steps::SAME), Bytes::new()).await?;
+                return incoming.send.finish().await;
+            }
+            let digest_batch = batch(&[], &digest)?;
+            incoming
+                .send
+                .send(&SyncStep::plain(steps::DIGEST), digest_batch)
+                .await?;
             let (step, payload) = recv.recv_required("the records this peer lacks").await?;
-            expect_step(step, PUSH)?;
-            let pushed = WireBatch::decode(&payload).map_err(malformed)?;
-            apply(&store, pushed.records, clock(), &counters);
+            expect_step(step, &[steps::REPLY])?;
+            let reply = WireBatch::decode(&payload).map_err(malformed)?;
+            let theirs = reply.digest_entries().map_err(malformed)?;
+            apply(&replica, reply.records, from);
+            let missing = replica.missing_from(&theirs);
+            incoming
+                .send
+                .send(&SyncStep::plain(steps::PUSH), batch(&missing, &[])?)
+                .await?;
             incoming.send.finish().await
         }
     });

@@ -1,0 +1,472 @@
+//! The membership actor: owns the SWIM state machine (foca) and turns its outputs into effects: datagrams
+//! through the connection pool, timers on the actor's context, and changes of the member table.
+//!
+//! Everything that waits (dials, anti-entropy exchanges) runs as tokio tasks on the data-plane runtime and
+//! reports back with a message, so the actor never blocks and its state changes only inside handlers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use colony_transports::PeerId;
+use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, Timer};
+use rand::RngExt;
+use rand::rngs::StdRng;
+
+use super::broadcast::RecordBroadcasts;
+use super::identity::{MemberCodec, MemberId, Role};
+use super::{MemberInfo, MembershipEvent, Shared};
+use crate::records::sync;
+
+type Swim = Foca<MemberId, MemberCodec, StdRng, RecordBroadcasts>;
+
+/// Datagrams queued for a peer while it is being dialed.
+const MAX_PENDING_PER_PEER: usize = 16;
+
+pub(crate) struct MembershipActor {
+    swim: Swim,
+    runtime: AccumulatingRuntime<MemberId>,
+    shared: Arc<Shared>,
+    rng: StdRng,
+    dialing: HashMap<PeerId, Vec<Bytes>>,
+    sync_in_flight: bool,
+    left: bool,
+}
+
+impl MembershipActor {
+    pub(crate) fn new(swim: Swim, shared: Arc<Shared>) -> Self {
+        Self {
+            swim,
+            runtime: AccumulatingRuntime::new(),
+            shared,
+            rng: rand::make_rng(),
+            dialing: HashMap::new(),
+            sync_in_flight: false,
+            left: false,
+        }
+    }
+
+    /// Carries out what foca asked for.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.send(to, data, ctx);
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            ctx.run_later(after, move |actor, ctx| actor.on_timer(timer, ctx));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            self.on_notification(notification);
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer<MemberId>, ctx: &mut Context<Self>) {
+        if let Err(error) = self.swim.handle_timer(timer, &mut self.runtime) {
+            tracing::debug!(%error, "membership timer");
+        }
+        self.drain(ctx);
+    }
+
+    fn send(&mut self, to: MemberId, data: Bytes, ctx: &mut Context<Self>) {
+        let counters = &self.shared.counters;
+        if self.shared.pool.send_datagram(&to.peer, data.clone()) {
+            counters.datagrams_sent.inc();
+            return;
+        }
+        if let Some(queue) = self.dialing.get_mut(&to.peer) {
+            if queue.len() < MAX_PENDING_PER_PEER {
+                queue.push(data);
+            }
+            return;
+        }
+        let Some(address) = to.address.clone() else {
+            // A client-mode peer that is not connected to us: only its own connections reach it.
+            counters.datagrams_unreachable.inc();
+            return;
+        };
+        self.dialing.insert(to.peer, vec![data]);
+        let (pool, peer, actor) = (self.shared.pool.clone(), to.peer, ctx.address());
+        self.shared.spawn(async move {
+            let result = pool.connect(peer, Some(&address)).await;
+            if let Err(error) = &result {
+                tracing::debug!(peer = %peer.short(), %error, "could not reach member");
+            }
+            actor.do_send(Dialed {
+                peer,
+                ok: result.is_ok(),
+            });
+        });
+    }
+
+    fn on_notification(&mut self, notification: OwnedNotification<MemberId>) {
+        let shared = &self.shared;
+        match notification {
+            OwnedNotification::MemberUp(id) => {
+                if id.role == Role::Client {
+                    shared.pool.pin(&id.peer);
+                }
+                let info = MemberInfo::from(&id);
+                tracing::info!(peer = %id.peer, role = %id.role, address = ?id.address.as_ref().map(ToString::to_string), "member joined");
+                shared.members_mut().insert(id.peer, info.clone());
+                let _ = shared.events.send(MembershipEvent::Joined(info));
+            }
+            OwnedNotification::MemberDown(id) => {
+                let removed = {
+                    let mut members = shared.members_mut();
+                    match members.get(&id.peer) {
+                        Some(info) if info.generation <= id.generation => members.remove(&id.peer),
+                        _ => None,
+                    }
+                };
+                if removed.is_some() {
+                    tracing::info!(peer = %id.peer, "member left or failed");
+                    let _ = shared.events.send(MembershipEvent::Left(id.peer));
+                }
+            }
+            OwnedNotification::Rename(old, new) => {
+                let info = MemberInfo::from(&new);
+                let mut members = shared.members_mut();
+                members.remove(&old.peer);
+                members.insert(new.peer, info);
+            }
+            OwnedNotification::Rejoin(id) => {
+                tracing::warn!(
+                    generation = id.generation,
+                    "this peer was declared down; rejoined as a new generation"
+                );
+                let _ = shared.events.send(MembershipEvent::Rejoined(id.generation));
+            }
+            OwnedNotification::Defunct => {
+                tracing::warn!("this peer was declared down by the swarm");
+            }
+            OwnedNotification::Idle => {
+                tracing::info!("no other member is reachable");
+            }
+            OwnedNotification::Active => {}
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+
+    /// Starts an anti-entropy exchange with a random member, unless one is running.
+    fn anti_entropy(&mut self, ctx: &mut Context<Self>) {
+        self.shared.pool.sweep();
+        if self.sync_in_flight || self.left {
+            return;
+        }
+        let pool = &self.shared.pool;
+        let candidates: Vec<&MemberId> = self
+            .swim
+            .iter_members()
+            .map(Member::id)
+            .filter(|id| id.address.is_some() || pool.get(&id.peer).is_some())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let target = candidates[self.rng.random_range(0..candidates.len())].clone();
+        self.sync_in_flight = true;
+        let (shared, actor) = (self.shared.clone(), ctx.address());
+        self.shared.spawn(async move {
+            let exchange = async {
+                let conn = shared.pool.connect(target.peer, target.address.as_ref()).await?;
+                sync::sync_with(&conn, &shared.replica, &shared.config.stream)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let timeout = shared.config.stream.message_timeout;
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(applied)) if applied.received > 0 => {
+                    tracing::debug!(peer = %target.peer.short(), ?applied, "anti-entropy exchange");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::debug!(peer = %target.peer.short(), %error, "anti-entropy exchange failed"),
+                Err(_) => tracing::debug!(peer = %target.peer.short(), "anti-entropy exchange timed out"),
+            }
+            actor.do_send(SyncDone);
+        });
+    }
+}
+
+impl Actor for MembershipActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.shared.config.mailbox_capacity);
+        let interval = self.shared.config.sync_interval;
+        ctx.run_interval(interval, |actor, ctx| actor.anti_entropy(ctx));
+    }
+}
+
+/// A datagram from a connected peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Datagram {
+    pub from: PeerId,
+    pub data: Bytes,
+}
+
+impl Handler<Datagram> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Datagram, ctx: &mut Context<Self>) {
+        let counters = &self.shared.counters;
+        counters.datagrams_received.inc();
+        // The sender named in the packet must be the peer the connection proved; anything else is spoofing.
+        let mut peek = &msg.data[..];
+        match foca::Codec::decode_header(&mut MemberCodec, &mut peek) {
+            Ok(header) if header.src.peer == msg.from => {}
+            Ok(header) => {
+                counters.datagrams_spoofed.inc();
+                tracing::debug!(from = %msg.from.short(), claimed = %header.src.peer.short(), "dropped a membership packet claiming another sender");
+                return;
+            }
+            Err(error) => {
+                counters.datagrams_malformed.inc();
+                tracing::debug!(from = %msg.from.short(), %error, "dropped a malformed membership packet");
+                return;
+            }
+        }
+        if let Err(error) = self.swim.handle_data(&msg.data, &mut self.runtime) {
+            counters.datagrams_malformed.inc();
+            tracing::debug!(from = %msg.from.short(), %error, "membership packet refused");
+        }
+        self.drain(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Dialed {
+    peer: PeerId,
+    ok: bool,
+}
+
+impl Handler<Dialed> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Dialed, _ctx: &mut Context<Self>) {
+        let queued = self.dialing.remove(&msg.peer).unwrap_or_default();
+        let counters = &self.shared.counters;
+        for data in queued {
+            if msg.ok && self.shared.pool.send_datagram(&msg.peer, data) {
+                counters.datagrams_sent.inc();
+            } else {
+                counters.datagrams_unreachable.inc();
+            }
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SyncDone;
+
+impl Handler<SyncDone> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, _: SyncDone, _ctx: &mut Context<Self>) {
+        self.sync_in_flight = false;
+    }
+}
+
+/// A connection to `peer` broke: if no other connection to it is open and it cannot be dialed again at
+/// once, it is suspected (and disseminated as such, so it can refute if it is alive); unless it refutes within
+/// the suspicion time, it is declared dead. A crashed process is thus dropped after the suspicion time
+/// instead of waiting for some member's probe to pick it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ConnectionLost {
+    pub peer: PeerId,
+    pub reason: colony_transports::CloseReason,
+}
+
+impl Handler<ConnectionLost> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Context<Self>) {
+        if self.left || self.shared.pool.get(&msg.peer).is_some() {
+            return;
+        }
+        let Some(member) = self.active_member(&msg.peer) else {
+            return;
+        };
+        tracing::debug!(peer = %msg.peer.short(), reason = %msg.reason, "connection to a member broke");
+        let Some(address) = member.id().address.clone() else {
+            self.suspect(member, ctx);
+            return;
+        };
+        let (pool, peer, actor) = (self.shared.pool.clone(), msg.peer, ctx.address());
+        self.shared.spawn(async move {
+            let ok = pool.connect(peer, Some(&address)).await.is_ok();
+            actor.do_send(Redialed { peer, ok });
+        });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Redialed {
+    peer: PeerId,
+    ok: bool,
+}
+
+impl Handler<Redialed> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Redialed, ctx: &mut Context<Self>) {
+        if msg.ok || self.left {
+            return;
+        }
+        if let Some(member) = self.active_member(&msg.peer) {
+            self.suspect(member, ctx);
+        }
+    }
+}
+
+impl MembershipActor {
+    fn active_member(&self, peer: &PeerId) -> Option<Member<MemberId>> {
+        self.swim
+            .iter_membership_state()
+            .find(|m| m.id().peer == *peer && m.state() != foca::State::Down)
+            .cloned()
+    }
+
+    fn suspect(&mut self, member: Member<MemberId>, ctx: &mut Context<Self>) {
+        let (id, incarnation) = (member.id().clone(), member.incarnation());
+        let suspect = Member::new(id.clone(), incarnation, foca::State::Suspect);
+        if let Err(error) = self.swim.apply_many(std::iter::once(suspect), true, &mut self.runtime) {
+            tracing::debug!(%error, "suspecting a member");
+        }
+        self.drain(ctx);
+        let after = self.shared.config.swim.suspect_to_down_after;
+        ctx.run_later(after, move |actor, ctx| {
+            let unrefuted = actor
+                .swim
+                .iter_membership_state()
+                .any(|m| m.id() == &id && m.incarnation() == incarnation && m.state() == foca::State::Suspect);
+            if unrefuted {
+                let down = Member::new(id, incarnation, foca::State::Down);
+                if let Err(error) = actor.swim.apply_many(std::iter::once(down), true, &mut actor.runtime) {
+                    tracing::debug!(%error, "declaring a member dead");
+                }
+                actor.drain(ctx);
+            }
+        });
+    }
+}
+
+/// Piggyback an encoded record on SWIM packets.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct AddBroadcast(pub Bytes);
+
+impl Handler<AddBroadcast> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddBroadcast, ctx: &mut Context<Self>) {
+        if let Err(error) = self.swim.add_broadcast(&msg.0) {
+            tracing::debug!(%error, "record not piggybacked; anti-entropy will carry it");
+        }
+        // Send it now rather than at the next gossip tick.
+        if let Err(error) = self.swim.broadcast(&mut self.runtime) {
+            tracing::debug!(%error, "membership broadcast");
+        }
+        self.drain(ctx);
+    }
+}
+
+/// A bootstrap peer admits a joiner: learns it, and answers with its own identity and the active members.
+#[derive(Message)]
+#[rtype(result = "(MemberId, Vec<Member<MemberId>>)")]
+pub(crate) struct Admit(pub MemberId);
+
+impl Handler<Admit> for MembershipActor {
+    type Result = MessageResult<Admit>;
+
+    fn handle(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Self::Result {
+        let joiner = Member::alive(msg.0);
+        if let Err(error) = self.swim.apply_many(std::iter::once(joiner), true, &mut self.runtime) {
+            tracing::debug!(%error, "admitting a joiner");
+        }
+        self.drain(ctx);
+        let members = self.swim.iter_members().cloned().collect();
+        MessageResult((self.swim.identity().clone(), members))
+    }
+}
+
+/// A joiner learns the members its bootstrap peer knows, and announces itself to that peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Learn {
+    pub bootstrap: MemberId,
+    pub members: Vec<Member<MemberId>>,
+}
+
+impl Handler<Learn> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Learn, ctx: &mut Context<Self>) {
+        let me = self.swim.identity().peer;
+        let members = msg.members.into_iter().filter(|m| m.id().peer != me);
+        if let Err(error) = self.swim.apply_many(members, false, &mut self.runtime) {
+            tracing::debug!(%error, "applying the bootstrap peer's members");
+        }
+        if let Err(error) = self.swim.announce(msg.bootstrap, &mut self.runtime) {
+            tracing::debug!(%error, "announcing to the bootstrap peer");
+        }
+        self.drain(ctx);
+    }
+}
+
+/// This peer's current identity.
+#[derive(Message)]
+#[rtype(result = "MemberId")]
+pub(crate) struct CurrentIdentity;
+
+impl Handler<CurrentIdentity> for MembershipActor {
+    type Result = MessageResult<CurrentIdentity>;
+
+    fn handle(&mut self, _: CurrentIdentity, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.swim.identity().clone())
+    }
+}
+
+/// Leave the swarm gracefully: tell the members, then stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Leave;
+
+impl Handler<Leave> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) {
+        if !self.left {
+            self.left = true;
+            if let Err(error) = self.swim.leave_cluster(&mut self.runtime) {
+                tracing::debug!(%error, "leaving the swarm");
+            }
+            // Only the goodbye datagrams: no timer may run after leaving.
+            while let Some((to, data)) = self.runtime.to_send() {
+                self.send(to, data, ctx);
+            }
+        }
+    }
+}
+
+/// Stop the actor (after [`Leave`], or at once for a crash-like shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+impl Handler<Stop> for MembershipActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// How long a graceful leave waits for its datagrams to go out before connections close.
+pub(crate) const LEAVE_FLUSH: Duration = Duration::from_millis(100);

@@ -1,0 +1,238 @@
+//! The connections of one peer, by remote peer: dialed on demand, shared by membership datagrams and every
+//! stream protocol, bounded in number, and closed when idle.
+//!
+//! Each connection (dialed or accepted) gets one task that serves the remote's streams with the peer's
+//! router and forwards its datagrams to the membership actor. Connections to client-mode peers are
+//! *pinned*: nobody can dial those peers back, so they are never evicted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colony_transports::rpc::Router;
+use colony_transports::{Address, CloseReason, Connection, PeerId, Transport, TransportError};
+use tokio::task::JoinSet;
+
+/// Called with each datagram a connection receives: (sender, bytes).
+pub type DatagramSink = Arc<dyn Fn(PeerId, Bytes) + Send + Sync>;
+/// Called when a connection breaks (lost, reset, killed or idle; not when either side closed it on
+/// purpose): a hint that the remote may have died.
+pub type LossSink = Arc<dyn Fn(PeerId, CloseReason) + Send + Sync>;
+
+struct Entry {
+    conn: Connection,
+    last_used: Instant,
+    pinned: bool,
+}
+
+struct Inner {
+    conns: HashMap<PeerId, Entry>,
+    tasks: JoinSet<()>,
+    closed: bool,
+}
+
+/// Bounds of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Connections kept open at most; the least recently used unpinned one is closed beyond this.
+    pub max_connections: usize,
+    /// An unpinned connection unused for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a dial may take.
+    pub dial_timeout: Duration,
+}
+
+/// One peer's connections.
+pub struct Pool {
+    transport: Arc<dyn Transport>,
+    router: Arc<Router>,
+    datagrams: DatagramSink,
+    losses: LossSink,
+    limits: PoolLimits,
+    runtime: tokio::runtime::Handle,
+    inner: Mutex<Inner>,
+}
+
+impl Pool {
+    /// An empty pool. Tasks are spawned on `runtime`.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        router: Arc<Router>,
+        datagrams: DatagramSink,
+        losses: LossSink,
+        limits: PoolLimits,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            transport,
+            router,
+            datagrams,
+            losses,
+            limits,
+            runtime,
+            inner: Mutex::new(Inner {
+                conns: HashMap::new(),
+                tasks: JoinSet::new(),
+                closed: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The transport connections are made with.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The open connection to `peer`, if any.
+    pub fn get(&self, peer: &PeerId) -> Option<Connection> {
+        let mut inner = self.lock();
+        let entry = inner.conns.get_mut(peer)?;
+        if entry.conn.close_reason().is_some() {
+            inner.conns.remove(peer);
+            return None;
+        }
+        entry.last_used = Instant::now();
+        Some(entry.conn.clone())
+    }
+
+    /// The connection to `peer`, dialing `address` when there is none.
+    pub async fn connect(self: &Arc<Self>, peer: PeerId, address: Option<&Address>) -> Result<Connection, String> {
+        if let Some(conn) = self.get(&peer) {
+            return Ok(conn);
+        }
+        let address = address.ok_or_else(|| format!("peer {} is in client mode and not connected", peer.short()))?;
+        let conn = self.dial(address).await.map_err(|e| e.to_string())?;
+        if conn.remote_peer() != peer {
+            conn.close("not the expected peer");
+            return Err(format!("{address} answered as {}, not {}", conn.remote_peer(), peer));
+        }
+        Ok(self.add(conn, false))
+    }
+
+    /// Dials `address` (within the dial timeout) and adds the connection.
+    pub async fn dial(self: &Arc<Self>, address: &Address) -> Result<Connection, TransportError> {
+        let conn = tokio::time::timeout(self.limits.dial_timeout, self.transport.dial(address))
+            .await
+            .map_err(|_| TransportError::Unreachable {
+                address: address.to_string(),
+                reason: format!("no connection within {:?}", self.limits.dial_timeout),
+            })??;
+        Ok(self.add(conn, false))
+    }
+
+    /// Adds a connection (dialed or accepted) and starts serving it. If one to the same peer is already
+    /// open, both are served and the newer one is used for sending. Returns the connection.
+    pub fn add(self: &Arc<Self>, conn: Connection, pinned: bool) -> Connection {
+        let peer = conn.remote_peer();
+        let mut inner = self.lock();
+        if inner.closed {
+            conn.close("shutting down");
+            return conn;
+        }
+        while inner.tasks.try_join_next().is_some() {}
+        let pinned = pinned || inner.conns.get(&peer).is_some_and(|e| e.pinned);
+        inner.conns.insert(
+            peer,
+            Entry {
+                conn: conn.clone(),
+                last_used: Instant::now(),
+                pinned,
+            },
+        );
+        let (router, sink, losses, served) = (
+            self.router.clone(),
+            self.datagrams.clone(),
+            self.losses.clone(),
+            conn.clone(),
+        );
+        inner.tasks.spawn_on(
+            async move {
+                let streams = router.serve(served.clone());
+                let datagrams = async {
+                    while let Ok(data) = served.recv_datagram().await {
+                        sink(peer, data);
+                    }
+                };
+                tokio::join!(streams, datagrams);
+                match served.closed().await {
+                    CloseReason::Local(_) | CloseReason::Remote(_) => {}
+                    reason => losses(peer, reason),
+                }
+            },
+            &self.runtime,
+        );
+        self.evict(&mut inner);
+        conn
+    }
+
+    /// Keeps the connection to `peer` open regardless of the limits (for client-mode peers).
+    pub fn pin(&self, peer: &PeerId) {
+        if let Some(entry) = self.lock().conns.get_mut(peer) {
+            entry.pinned = true;
+        }
+    }
+
+    fn evict(&self, inner: &mut Inner) {
+        let now = Instant::now();
+        inner.conns.retain(|_, entry| {
+            let idle = !entry.pinned && now.duration_since(entry.last_used) > self.limits.idle_timeout;
+            let keep = entry.conn.close_reason().is_none() && !idle;
+            if !keep {
+                entry.conn.close("idle");
+            }
+            keep
+        });
+        while inner.conns.len() > self.limits.max_connections {
+            let oldest = inner
+                .conns
+                .iter()
+                .filter(|(_, entry)| !entry.pinned)
+                .min_by_key(|(_, entry)| entry.last_used)
+                .map(|(peer, _)| *peer);
+            let Some(oldest) = oldest else { break };
+            if let Some(entry) = inner.conns.remove(&oldest) {
+                entry.conn.close("connection limit");
+            }
+        }
+    }
+
+    /// Closes idle connections (called periodically).
+    pub fn sweep(&self) {
+        let mut inner = self.lock();
+        while inner.tasks.try_join_next().is_some() {}
+        self.evict(&mut inner);
+    }
+
+    /// Sends a datagram to `peer` over its open connection. Returns false when there is none.
+    pub fn send_datagram(&self, peer: &PeerId, data: Bytes) -> bool {
+        match self.get(peer) {
+            Some(conn) => conn.send_datagram(data).is_ok(),
+            None => false,
+        }
+    }
+
+    /// How many connections are open.
+    pub fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every connection and stops every task; later connections are refused.
+    pub fn close(&self, reason: &str) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        for (_, entry) in inner.conns.drain() {
+            entry.conn.close(reason);
+        }
+        inner.tasks.abort_all();
+    }
+}

@@ -1,0 +1,425 @@
+//! One peer's replica of the run's records: the [`RecordStore`] behind a lock, with the clock, the
+//! publishing limits, the counters of what was refused and why, and subscriptions to changes.
+//!
+//! Every way a record enters (a local publish, a SWIM broadcast, an anti-entropy exchange) goes through
+//! [`Replica::apply`], so validation, rate limiting, counting and change notification happen in one place.
+//! Reads ([`Replica::get`]) are local: no network round trip.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use colony_transports::PeerId;
+use tokio::sync::broadcast;
+
+use super::rate::PublishLimiter;
+use super::sync::Clock;
+use super::wire::WireRecord;
+use super::{DigestEntry, Record, RecordError, RecordStore, Stored, Subkey, Time, View};
+
+/// Limits on how often one peer may update one slot (a key and subkey).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishLimits {
+    /// Sustained updates per second per (peer, slot).
+    pub rate_per_sec: f64,
+    /// Updates allowed at once.
+    pub burst: u32,
+    /// (peer, slot) pairs tracked at most.
+    pub max_tracked: usize,
+}
+
+impl Default for PublishLimits {
+    fn default() -> Self {
+        Self {
+            rate_per_sec: 5.0,
+            burst: 10,
+            max_tracked: 100_000,
+        }
+    }
+}
+
+/// Why a record was not applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refused {
+    /// The record broke a rule of the store.
+    #[error(transparent)]
+    Invalid(#[from] RecordError),
+    /// Its writer updates this slot faster than the publishing limits allow.
+    #[error("record {key}: peer {peer} publishes it faster than {rate_per_sec} updates/s; throttled")]
+    Throttled {
+        key: String,
+        peer: PeerId,
+        rate_per_sec: f64,
+    },
+    /// It could not be decoded.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl Refused {
+    /// A short, stable name of the reason, for counters and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::Invalid(error) => error.reason(),
+            Refused::Throttled { .. } => "throttled",
+            Refused::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Every reason a record can be refused for, in the order [`RefusalCounts`] reports them.
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "expired",
+    "invalid_expiration",
+    "too_large",
+    "bad_signature",
+    "unknown_kind",
+    "invalid_value",
+    "limit_reached",
+    "throttled",
+    "malformed",
+];
+
+/// Counters of records applied and refused (by reason) by one replica. Also exported as the metrics
+/// `colony_records_stored_total` and `colony_records_refused_total{reason}`.
+#[derive(Debug, Default)]
+pub struct RecordCounters {
+    stored: AtomicU64,
+    refused: [AtomicU64; REFUSAL_REASONS.len()],
+}
+
+impl RecordCounters {
+    fn count_refusal(&self, reason: &'static str) {
+        if let Some(index) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            self.refused[index].fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!("colony_records_refused_total", "reason" => reason).increment(1);
+    }
+
+    /// Records that won their slot.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Records refused for `reason` (one of [`REFUSAL_REASONS`]).
+    pub fn refused(&self, reason: &str) -> u64 {
+        REFUSAL_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |index| self.refused[index].load(Ordering::Relaxed))
+    }
+
+    /// Records refused for any reason.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A change of what a read of a key sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The key.
+    pub key: String,
+    /// The subkey written, `None` for the plain value.
+    pub subkey: Option<Subkey>,
+    /// The new value, `None` for a deletion.
+    pub value: Option<Bytes>,
+    /// The entry's expiration.
+    pub expiration: Time,
+}
+
+/// Why a subscription yielded no change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The subscriber fell behind and this many changes were dropped; read the keys again with `get`.
+    #[error("the subscriber fell behind; {0} changes were dropped")]
+    Lagged(u64),
+    /// The replica is gone (the peer shut down).
+    #[error("the record replica was shut down")]
+    Closed,
+}
+
+/// A stream of the changes under a key prefix.
+pub struct Subscription {
+    prefix: String,
+    receiver: broadcast::Receiver<Arc<Change>>,
+}
+
+impl Subscription {
+    /// The next change of a key under the prefix.
+    pub async fn next(&mut self) -> Result<Arc<Change>, SubscriptionError> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(change) if change.key.starts_with(&self.prefix) => return Ok(change),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => return Err(SubscriptionError::Lagged(n)),
+                Err(broadcast::error::RecvError::Closed) => return Err(SubscriptionError::Closed),
+            }
+        }
+    }
+}
+
+/// Changes buffered per subscriber before the slowest one lags.
+const SUBSCRIPTION_BUFFER: usize = 4096;
+
+/// One peer's replica of the run's records.
+pub struct Replica {
+    store: Mutex<RecordStore>,
+    clock: Clock,
+    limiter: Mutex<PublishLimiter>,
+    limits: PublishLimits,
+    counters: RecordCounters,
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+impl Replica {
+    /// A replica around `store`, reading time from `clock`.
+    pub fn new(store: RecordStore, clock: Clock, limits: PublishLimits) -> Self {
+        Self {
+            store: Mutex::new(store),
+            clock,
+            limiter: Mutex::new(PublishLimiter::new(
+                limits.rate_per_sec,
+                limits.burst,
+                limits.max_tracked,
+            )),
+            limits,
+            counters: RecordCounters::default(),
+            changes: broadcast::channel(SUBSCRIPTION_BUFFER).0,
+        }
+    }
+
+    /// The current time on this replica's clock.
+    pub fn now(&self) -> Time {
+        (self.clock)()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> String {
+        self.lock().run_id().to_owned()
+    }
+
+    /// What was stored and refused so far.
+    pub fn counters(&self) -> &RecordCounters {
+        &self.counters
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RecordStore> {
+        // A panic while holding the lock cannot leave the store half-updated in a way that matters more than
+        // losing the replica, so a poisoned lock is taken over.
+        self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Validates, rate-limits and stores `record`, written (or relayed) by `writer`. The publishing limit is
+    /// charged to the record's owner when its subkey names one, else to `writer`, and only for records that
+    /// would win their slot (duplicates relayed by gossip cost nothing).
+    pub fn apply(&self, record: Record, writer: PeerId) -> Result<Stored, Refused> {
+        let result = self.apply_inner(record, writer);
+        match &result {
+            Ok(Stored::Visible | Stored::Hidden) => {
+                self.counters.stored.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("colony_records_stored_total").increment(1);
+            }
+            Ok(Stored::Outdated) => {}
+            Err(refused) => self.counters.count_refusal(refused.reason()),
+        }
+        result
+    }
+
+    fn apply_inner(&self, record: Record, writer: PeerId) -> Result<Stored, Refused> {
+        let now = self.now();
+        let mut store = self.lock();
+        store.validate(&record, now)?;
+        if !store.would_win(&record) {
+            return Ok(Stored::Outdated);
+        }
+        let owner = match &record.subkey {
+            Some(Subkey::Peer(peer)) => *peer,
+            _ => writer,
+        };
+        let slot = match &record.subkey {
+            None => record.key.clone(),
+            Some(Subkey::Peer(peer)) => format!("{}\u{0}{peer}", record.key),
+            Some(Subkey::Name(name)) => format!("{}\u{0}{name}", record.key),
+        };
+        let allowed = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .allow(owner, &slot, now);
+        if !allowed {
+            return Err(Refused::Throttled {
+                key: record.key,
+                peer: owner,
+                rate_per_sec: self.limits.rate_per_sec,
+            });
+        }
+        let change = Change {
+            key: record.key.clone(),
+            subkey: record.subkey.clone(),
+            value: record.value.clone(),
+            expiration: record.expiration,
+        };
+        let stored = store.store(record, now)?;
+        drop(store);
+        if stored == Stored::Visible {
+            // No receivers is not an error: nobody subscribed yet.
+            let _ = self.changes.send(Arc::new(change));
+        }
+        Ok(stored)
+    }
+
+    /// Decodes and applies a record received from `writer`.
+    pub fn apply_wire(&self, wire: WireRecord, writer: PeerId) -> Result<Stored, Refused> {
+        match Record::try_from(wire) {
+            Ok(record) => self.apply(record, writer),
+            Err(error) => {
+                self.count_malformed();
+                Err(Refused::Malformed(error.to_string()))
+            }
+        }
+    }
+
+    /// Counts a record that could not be decoded at all.
+    pub fn count_malformed(&self) {
+        self.counters.count_refusal("malformed");
+    }
+
+    /// What a read of `key` sees now.
+    pub fn get(&self, key: &str) -> Option<View> {
+        let now = self.now();
+        self.lock().get(key, now)
+    }
+
+    /// Changes of keys starting with `prefix`, from now on.
+    pub fn subscribe(&self, prefix: impl Into<String>) -> Subscription {
+        Subscription {
+            prefix: prefix.into(),
+            receiver: self.changes.subscribe(),
+        }
+    }
+
+    /// The digest and fingerprint after dropping expired entries.
+    pub fn digest(&self) -> (Vec<DigestEntry>, [u8; 32]) {
+        let now = self.now();
+        let mut store = self.lock();
+        store.remove_expired(now);
+        (store.digest(), store.fingerprint())
+    }
+
+    /// The fingerprint after dropping expired entries.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let now = self.now();
+        let mut store = self.lock();
+        store.remove_expired(now);
+        store.fingerprint()
+    }
+
+    /// The records a peer with digest `remote` lacks.
+    pub fn missing_from(&self, remote: &[DigestEntry]) -> Vec<Record> {
+        let now = self.now();
+        self.lock().missing_from(remote, now)
+    }
+
+    /// Every live record held.
+    pub fn records(&self) -> Vec<Record> {
+        let now = self.now();
+        let mut store = self.lock();
+        store.remove_expired(now);
+        store.records()
+    }
+
+    /// How many entries are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{RecordLimits, Schemas};
+    use colony_transports::Keypair;
+
+    fn replica(limits: PublishLimits) -> Replica {
+        let mut schemas = Schemas::default();
+        schemas.register_with("p", |_| Ok(()));
+        Replica::new(
+            RecordStore::new("run", RecordLimits::default(), schemas),
+            Arc::new(|| 100.0),
+            limits,
+        )
+    }
+
+    fn own(keypair: &Keypair, expiration: Time) -> Record {
+        Record::signed(
+            "run",
+            keypair,
+            "p",
+            Some(Subkey::Peer(keypair.peer_id())),
+            Some(Bytes::from_static(b"v")),
+            expiration,
+        )
+    }
+
+    #[tokio::test]
+    async fn visible_changes_reach_subscribers_of_their_prefix() {
+        let replica = replica(PublishLimits::default());
+        let keypair = Keypair::from_seed([1; 32]);
+        let mut all = replica.subscribe("p");
+        let mut none = replica.subscribe("q");
+        assert_eq!(
+            replica.apply(own(&keypair, 200.0), keypair.peer_id()),
+            Ok(Stored::Visible)
+        );
+        assert_eq!(all.next().await.unwrap().expiration, 200.0);
+        // Outdated duplicates notify nobody and cost no tokens.
+        assert_eq!(
+            replica.apply(own(&keypair, 200.0), keypair.peer_id()),
+            Ok(Stored::Outdated)
+        );
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), none.next())
+                .await
+                .is_err()
+        );
+        assert_eq!(replica.counters().stored(), 1);
+    }
+
+    #[test]
+    fn a_writer_over_its_limit_is_throttled_and_counted() {
+        let replica = replica(PublishLimits {
+            rate_per_sec: 0.0,
+            burst: 2,
+            max_tracked: 10,
+        });
+        let keypair = Keypair::from_seed([2; 32]);
+        let relay = Keypair::from_seed([3; 32]).peer_id();
+        // The owner is charged even when another peer relays the record.
+        assert!(replica.apply(own(&keypair, 201.0), relay).is_ok());
+        assert!(replica.apply(own(&keypair, 202.0), relay).is_ok());
+        let refused = replica.apply(own(&keypair, 203.0), relay).unwrap_err();
+        assert_eq!(refused.reason(), "throttled");
+        assert!(
+            refused.to_string().contains(&keypair.peer_id().to_string()),
+            "{refused}"
+        );
+        assert_eq!(replica.counters().refused("throttled"), 1);
+        // A forged record is counted under its own reason.
+        let mut forged = own(&keypair, 300.0);
+        forged.value = Some(Bytes::from_static(b"changed"));
+        assert_eq!(replica.apply(forged, relay).unwrap_err().reason(), "bad_signature");
+        assert_eq!(replica.counters().refused("bad_signature"), 1);
+        assert_eq!(replica.counters().refused_total(), 2);
+    }
+}

@@ -1,0 +1,440 @@
+//! Membership on the in-process transport with link emulation: joining through one bootstrap peer, failure
+//! detection, partitions and healing, rejoining, client mode, refusals at join, and forged records.
+//!
+//! Every wait is on a condition, with a deadline; timings are printed so that the figures can be reported.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colony::membership::{Membership, MembershipConfig, MembershipError, Role, SwimConfig};
+use colony::records::sync::{SyncStep, steps};
+use colony::records::wire::{WireBatch, WireRecord};
+use colony::records::{Record, Schemas, Subkey, View};
+use colony_transports::emulation::{LinkConfig, LinkEmulator};
+use colony_transports::mem::MemHub;
+use colony_transports::rpc::StreamConfig;
+use colony_transports::{Address, Keypair, PeerId, Transport};
+
+const RUN: &str = "membership-test";
+
+fn schemas() -> Schemas {
+    let mut schemas = Schemas::default();
+    schemas.register_with("progress", |value| {
+        if value.len() == 8 {
+            Ok(())
+        } else {
+            Err(format!("8 bytes expected, got {}", value.len()))
+        }
+    });
+    schemas
+}
+
+/// Fast timings so that failure detection is measured in seconds, as a LAN deployment would tune it.
+fn swim() -> SwimConfig {
+    SwimConfig {
+        probe_period: Duration::from_millis(500),
+        probe_rtt: Duration::from_millis(200),
+        suspect_to_down_after: Duration::from_millis(1500),
+        gossip_interval: Duration::from_millis(100),
+        down_announce_interval: Duration::from_millis(500),
+        ..SwimConfig::default()
+    }
+}
+
+struct Swarm {
+    hub: MemHub,
+    emulator: LinkEmulator,
+    peers: Vec<(Arc<Keypair>, Membership)>,
+}
+
+impl Swarm {
+    fn new() -> Self {
+        let emulator = LinkEmulator::with_seed(7);
+        emulator.set_default_link(LinkConfig {
+            latency: Duration::from_millis(2),
+            bandwidth_bytes_per_sec: None,
+            datagram_loss: 0.01,
+        });
+        Self {
+            hub: MemHub::with_emulator(emulator.clone()),
+            emulator,
+            peers: Vec::new(),
+        }
+    }
+
+    fn config(&self, name: &str, initial: Option<Address>) -> MembershipConfig {
+        let mut config = MembershipConfig::new(RUN, Some(format!("mem://{name}").parse().unwrap()));
+        config.initial_peers = initial.into_iter().collect();
+        config.swim = swim();
+        config.sync_interval = Duration::from_millis(500);
+        config.bootstrap_timeout = Duration::from_secs(20);
+        config
+    }
+
+    async fn start(&mut self, config: MembershipConfig) -> Membership {
+        let keypair = Arc::new(Keypair::generate());
+        let transport = self.hub.transport(&keypair);
+        let membership = Membership::start(config, keypair.clone(), transport, schemas())
+            .await
+            .expect("membership starts");
+        self.peers.push((keypair, membership.clone()));
+        membership
+    }
+
+    fn bootstrap_address(&self) -> Address {
+        self.peers[0].1.address().unwrap()
+    }
+}
+
+fn publish_progress(membership: &Membership, value: u64) {
+    let expiration = membership.replica().now() + 120.0;
+    membership
+        .publish(
+            "progress",
+            Some(Subkey::Peer(membership.local_peer())),
+            Some(Bytes::from(value.to_le_bytes().to_vec())),
+            expiration,
+        )
+        .expect("own record accepted");
+}
+
+fn progress_entries(membership: &Membership) -> usize {
+    match membership.get("progress") {
+        Some(View::Dictionary { entries, .. }) => entries.len(),
+        _ => 0,
+    }
+}
+
+async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < deadline, "{what}: not within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+fn member_ids(membership: &Membership) -> Vec<PeerId> {
+    membership.members().into_iter().map(|m| m.peer).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_peers_join_detect_failures_and_heal_a_partition() {
+    let n = 64;
+    let mut swarm = Swarm::new();
+    let started = Instant::now();
+    let first = swarm.config("peer-0", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+    for i in 1..n {
+        let config = swarm.config(&format!("peer-{i}"), Some(bootstrap.clone()));
+        swarm.start(config).await;
+    }
+    for (i, (_, peer)) in swarm.peers.iter().enumerate() {
+        publish_progress(peer, i as u64);
+    }
+    let joined = started.elapsed();
+    let all = |swarm: &Swarm, members: usize, records: usize| {
+        swarm
+            .peers
+            .iter()
+            .all(|(_, p)| p.members().len() == members && progress_entries(p) == records)
+    };
+    let converged = wait_until("64 peers see every member and record", Duration::from_secs(5), || {
+        all(&swarm, n - 1, n)
+    })
+    .await;
+    println!(
+        "64 peers: joined in {joined:?}, every member and record seen on every peer {:?} after the last join",
+        converged
+    );
+
+    // Kill 8 peers: their links drop at once and they stop, as after a crash.
+    let detection = swim().failure_detection_time();
+    let killed: Vec<PeerId> = swarm.peers[56..].iter().map(|(k, _)| k.peer_id()).collect();
+    let kill_start = Instant::now();
+    for (keypair, peer) in swarm.peers.drain(56..) {
+        swarm.emulator.kill(keypair.peer_id());
+        peer.shutdown();
+    }
+    let noticed = wait_until("all survivors drop the 8 killed peers", detection, || {
+        swarm.peers.iter().all(|(_, p)| {
+            let ids = member_ids(p);
+            ids.len() == 55 && killed.iter().all(|k| !ids.contains(k))
+        })
+    })
+    .await;
+    println!(
+        "8 killed peers dropped by all 56 survivors after {noticed:?} ({:?} including the kills; configured \
+         failure detection time {detection:?})",
+        kill_start.elapsed()
+    );
+
+    // Split the survivors in halves; each half drops the other; a record published on each side during the
+    // partition reaches the other side after healing.
+    let ids: Vec<PeerId> = swarm.peers.iter().map(|(k, _)| k.peer_id()).collect();
+    let (left, right) = ids.split_at(28);
+    swarm.emulator.partition(left, right);
+    // A partition breaks no connection, so only probes find it: every member of the other half must be
+    // picked by some probe first.
+    let split = wait_until("each half drops the other", Duration::from_secs(30), || {
+        swarm.peers.iter().all(|(_, p)| p.members().len() == 27)
+    })
+    .await;
+    println!("partition: each half dropped the other after {split:?}");
+    publish_progress(&swarm.peers[0].1, 1_000);
+    publish_progress(&swarm.peers[30].1, 2_000);
+    let heal_start = Instant::now();
+    swarm.emulator.heal();
+    wait_until("the healed swarm converges", Duration::from_secs(30), || {
+        swarm.peers.iter().all(|(_, p)| {
+            let seen = |peer: &Membership, value: u64| match p.get("progress") {
+                Some(View::Dictionary { entries, .. }) => entries
+                    .get(&Subkey::Peer(peer.local_peer()))
+                    .is_some_and(|(v, _)| v[..] == value.to_le_bytes()),
+                _ => false,
+            };
+            p.members().len() == 55 && seen(&swarm.peers[0].1, 1_000) && seen(&swarm.peers[30].1, 2_000)
+        })
+    })
+    .await;
+    println!(
+        "partition healed: all 56 peers converged {:?} after healing",
+        heal_start.elapsed()
+    );
+    for (_, peer) in &swarm.peers {
+        assert_eq!(peer.replica().counters().refused_total(), 0);
+        peer.shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_is_seen_at_once_and_a_revived_peer_rejoins_under_a_new_generation() {
+    let mut swarm = Swarm::new();
+    let first = swarm.config("a", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+    for name in ["b", "c", "d"] {
+        let config = swarm.config(name, Some(bootstrap.clone()));
+        swarm.start(config).await;
+    }
+    wait_until("4 peers see each other", Duration::from_secs(10), || {
+        swarm.peers.iter().all(|(_, p)| p.members().len() == 3)
+    })
+    .await;
+
+    // A graceful leave is noticed well before the failure detection time.
+    let (_, leaving) = swarm.peers.pop().unwrap();
+    let gone = leaving.local_peer();
+    let start = Instant::now();
+    leaving.leave().await;
+    let seen = wait_until("a leave is noticed", swim().suspect_to_down_after, || {
+        swarm.peers.iter().all(|(_, p)| !member_ids(p).contains(&gone))
+    })
+    .await;
+    println!(
+        "graceful leave noticed after {seen:?} ({:?} including the leave)",
+        start.elapsed()
+    );
+
+    // A peer cut off long enough to be declared dead comes back under a new generation once revived.
+    let (keypair, victim) = (swarm.peers[2].0.clone(), swarm.peers[2].1.clone());
+    let before = victim.identity().await.unwrap().generation;
+    swarm.emulator.kill(keypair.peer_id());
+    wait_until(
+        "the cut-off peer is declared dead",
+        swim().failure_detection_time() * 2,
+        || {
+            swarm.peers[..2]
+                .iter()
+                .all(|(_, p)| !member_ids(p).contains(&keypair.peer_id()))
+        },
+    )
+    .await;
+    swarm.emulator.revive(keypair.peer_id());
+    wait_until("the revived peer rejoins", Duration::from_secs(20), || {
+        swarm.peers[..2].iter().all(|(_, p)| {
+            p.members()
+                .iter()
+                .any(|m| m.peer == keypair.peer_id() && m.generation > before)
+        })
+    })
+    .await;
+    assert!(victim.identity().await.unwrap().generation > before);
+    for (_, peer) in &swarm.peers {
+        peer.shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_peers_are_members_reached_over_their_own_connections() {
+    let mut swarm = Swarm::new();
+    let first = swarm.config("server-0", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+    let second = swarm.config("server-1", Some(bootstrap.clone()));
+    swarm.start(second).await;
+    let mut config = swarm.config("unused", Some(bootstrap));
+    config.listen = None;
+    let client = swarm.start(config).await;
+    assert_eq!(client.role(), Role::Client);
+    assert!(client.address().is_none());
+    publish_progress(&client, 42);
+    wait_until(
+        "servers list the client and its record",
+        Duration::from_secs(10),
+        || {
+            swarm.peers[..2].iter().all(|(_, p)| {
+                p.members()
+                    .iter()
+                    .any(|m| m.peer == client.local_peer() && m.role == Role::Client && m.address.is_none())
+                    && progress_entries(p) == 1
+            })
+        },
+    )
+    .await;
+    // The client stays a member: several failure detection times later nobody has dropped it.
+    let hold = swim().failure_detection_time() * 2;
+    let start = Instant::now();
+    while start.elapsed() < hold {
+        for (_, p) in &swarm.peers[..2] {
+            assert!(
+                member_ids(p).contains(&client.local_peer()),
+                "a server dropped the client"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (_, peer) in &swarm.peers {
+        peer.shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_fails_clearly_on_clock_skew_another_run_or_no_answer() {
+    let mut swarm = Swarm::new();
+    let first = swarm.config("boot", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+
+    // A clock 10 s ahead is refused, and the error names the skew.
+    let mut skewed = swarm.config("skewed", Some(bootstrap.clone()));
+    let clock = skewed.clock.clone();
+    skewed.clock = Arc::new(move || clock() + 10.0);
+    let keypair = Arc::new(Keypair::generate());
+    let error = Membership::start(skewed, keypair.clone(), swarm.hub.transport(&keypair), schemas())
+        .await
+        .err()
+        .expect("a skewed clock is refused");
+    assert!(matches!(error, MembershipError::ClockSkew { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("10.000 s") && message.contains("3s"), "{message}");
+
+    // Another run is refused with both run ids.
+    let mut other = swarm.config("other", Some(bootstrap.clone()));
+    other.run_id = "another-run".into();
+    let keypair = Arc::new(Keypair::generate());
+    let error = Membership::start(other, keypair.clone(), swarm.hub.transport(&keypair), schemas())
+        .await
+        .err()
+        .expect("another run is refused");
+    let message = error.to_string();
+    assert!(message.contains("another-run") && message.contains(RUN), "{message}");
+
+    // Nobody answers: the error names every address tried and why.
+    let mut lost = swarm.config("lost", None);
+    lost.initial_peers = vec!["mem://nobody-here".parse().unwrap(), "mem://nor-here".parse().unwrap()];
+    lost.bootstrap_timeout = Duration::from_millis(600);
+    let keypair = Arc::new(Keypair::generate());
+    let start = Instant::now();
+    let error = Membership::start(lost, keypair.clone(), swarm.hub.transport(&keypair), schemas())
+        .await
+        .err()
+        .expect("no bootstrap peer answers");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}",
+        start.elapsed()
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("mem://nobody-here") && message.contains("mem://nor-here") && message.contains("600ms"),
+        "{message}"
+    );
+    for (_, peer) in &swarm.peers {
+        peer.shutdown();
+    }
+}
+
+/// A peer that speaks the records exchange by hand and pushes `records` to the peer at `address`.
+async fn push_records(transport: &Arc<dyn Transport>, address: &Address, records: &[Record]) {
+    let conn = transport.dial(address).await.unwrap();
+    let config = StreamConfig::default();
+    let protocol = colony::records::sync::protocol();
+    let (mut send, mut recv) = colony_transports::rpc::open::<SyncStep>(&conn, &protocol, &config)
+        .await
+        .unwrap();
+    send.send(&SyncStep::plain(steps::OFFER), Bytes::new()).await.unwrap();
+    let (step, _) = recv.recv_required("digest").await.unwrap();
+    assert_eq!(step.step, steps::DIGEST);
+    let batch = WireBatch {
+        records: records.iter().map(WireRecord::from).collect(),
+        digest: Vec::new(),
+    };
+    send.send(&SyncStep::plain(steps::REPLY), batch.encode().unwrap())
+        .await
+        .unwrap();
+    let (step, _) = recv.recv_required("push").await.unwrap();
+    assert_eq!(step.step, steps::PUSH);
+    send.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_are_refused_by_every_peer_and_counted() {
+    let mut swarm = Swarm::new();
+    let first = swarm.config("f-0", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+    for i in 1..8 {
+        let config = swarm.config(&format!("f-{i}"), Some(bootstrap.clone()));
+        swarm.start(config).await;
+    }
+    let victim = swarm.peers[1].1.local_peer();
+    let mallory = Keypair::generate();
+    let now = swarm.peers[0].1.replica().now();
+    let value = Bytes::from(7u64.to_le_bytes().to_vec());
+    let signed = |subkey: PeerId, value: Bytes| {
+        Record::signed(
+            RUN,
+            &mallory,
+            "progress",
+            Some(Subkey::Peer(subkey)),
+            Some(value),
+            now + 60.0,
+        )
+    };
+    // Wrong owner: Mallory signs the victim's subkey. Bad signature: her own record with a changed value.
+    let wrong_owner = signed(victim, value.clone());
+    let mut bad_signature = signed(mallory.peer_id(), value.clone());
+    bad_signature.value = Some(Bytes::from(8u64.to_le_bytes().to_vec()));
+    // Oversize and wrong schema.
+    let oversize = signed(mallory.peer_id(), Bytes::from(vec![0u8; 20_000]));
+    let wrong_schema = signed(mallory.peer_id(), Bytes::from_static(b"not eight bytes"));
+    let forged = [wrong_owner, bad_signature, oversize, wrong_schema];
+
+    let transport = swarm.hub.transport(&mallory);
+    for (_, peer) in &swarm.peers {
+        push_records(&transport, &peer.address().unwrap(), &forged).await;
+    }
+    for (_, peer) in &swarm.peers {
+        let counters = peer.replica().counters();
+        assert_eq!(counters.refused("bad_signature"), 2, "wrong owner and bad signature");
+        assert_eq!(counters.refused("too_large"), 1);
+        assert_eq!(counters.refused("invalid_value"), 1);
+        assert!(peer.get("progress").is_none(), "nothing forged was stored");
+    }
+    for (_, peer) in &swarm.peers {
+        peer.shutdown();
+    }
+}
