@@ -100,6 +100,10 @@ impl MembershipActor {
     }
 
     fn on_notification(&mut self, notification: OwnedNotification<MemberId>) {
+        if self.left {
+            // Leaving marks this peer down and empties its view; that is not news for anyone.
+            return;
+        }
         let shared = &self.shared;
         match notification {
             OwnedNotification::MemberUp(id) => {

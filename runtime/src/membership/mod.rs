@@ -84,11 +84,13 @@ impl Default for SwimConfig {
 }
 
 impl SwimConfig {
-    /// How long a dead member stays listed: when its connections break (a crashed process), the suspicion
-    /// time plus dissemination; when it falls silent without breaking them, up to three probe periods until
-    /// some member's probe fails, then the suspicion time.
+    /// How long a dead member stays listed at most. When its connections break (a crashed process on TCP),
+    /// it is suspected at once and dropped after the suspicion time. When it falls silent without breaking
+    /// them (QUIC, a cut cable), some member's probe must fail first: up to two probe periods until it is
+    /// picked, one until the failure is counted; then the suspicion time; plus one probe period for
+    /// dissemination and scheduling delays.
     pub fn failure_detection_time(&self) -> Duration {
-        self.probe_period * 3 + self.suspect_to_down_after
+        self.probe_period * 4 + self.suspect_to_down_after
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -1,8 +1,11 @@
 //! The benchmark suites behind `cargo run --release -p colony-tests --bin bench -- <suite> [--json]`.
 //!
 //! Every result is reported against a bound measured in the same run on the same machine (raw loopback TCP,
-//! memory bandwidth, a single-peer baseline), never as a bare timing: `ratio = value / bound`.
+//! memory bandwidth, a single-peer baseline), never as a bare timing: `ratio = value / bound`. Where nothing to
+//! compare with can run on one machine (a 1,000-peer swarm), the bound is the goal the issue set, named
+//! `issue goal`.
 
+pub mod membership;
 pub mod transport;
 
 use serde::Serialize;

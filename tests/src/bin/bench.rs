@@ -9,6 +9,8 @@ use colony_tests::bench;
 enum Suite {
     /// Bulk transfer over loopback: tcp and quic against a raw tokio TcpStream.
     Transport,
+    /// Membership on the in-process transport: a swarm's convergence, memory per peer, publish-to-visible.
+    Membership,
 }
 
 #[derive(Debug, Parser)]
@@ -22,10 +24,14 @@ struct Args {
     /// Bytes per transfer, in MiB (the transport suite's default is 1024, i.e. 1 GiB).
     #[arg(long, default_value_t = 1024)]
     size_mib: usize,
-    /// Transfers per case; the best is reported.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
-    /// Run only the case of this name (the bound is always measured).
+    /// Repetitions per case (transport: transfers, the best is reported, default 3; membership: publishes
+    /// timed on 64 peers, the median is reported, default 20).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Peers in the membership suite's swarm.
+    #[arg(long, default_value_t = 1000)]
+    peers: usize,
+    /// Run only the case of this name (the bound is always measured; membership: converge, rss/peer, visible).
     #[arg(long)]
     case: Option<String>,
 }
@@ -36,7 +42,12 @@ fn main() -> anyhow::Result<()> {
     let results = match args.suite {
         Suite::Transport => runtime.block_on(bench::transport::run(
             args.size_mib << 20,
-            args.repeat.max(1),
+            args.repeat.unwrap_or(3).max(1),
+            args.case.as_deref(),
+        ))?,
+        Suite::Membership => runtime.block_on(bench::membership::run(
+            args.peers,
+            args.repeat.unwrap_or(20).max(1),
             args.case.as_deref(),
         ))?,
     };
