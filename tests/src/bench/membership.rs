@@ -155,6 +155,37 @@ impl Swarm {
             if watches.iter().all(Watch::done) && self.converged() {
                 return (Some(started.elapsed()), Progress::of(&watches));
             }
+            if std::env::var_os("BENCH_TRACE").is_some() && (now.as_millis() / 50) % 10 == 0 {
+                let counts: Vec<usize> = watches.iter().map(|w| w.members.len()).collect();
+                let records: Vec<usize> = watches.iter().map(|w| w.peer.replica().len()).collect();
+                eprintln!(
+                    "{:6.2}s members min {} mean {:.1} complete {}; records min {} mean {:.1}",
+                    now.as_secs_f64(),
+                    counts.iter().min().unwrap(),
+                    counts.iter().sum::<usize>() as f64 / n as f64,
+                    counts.iter().filter(|c| **c == n - 1).count(),
+                    records.iter().min().unwrap(),
+                    records.iter().sum::<usize>() as f64 / n as f64
+                );
+            }
+            if std::env::var_os("BENCH_TRACE").is_some() && (now.as_millis() / 50) % 40 == 0 {
+                let ids: Vec<PeerId> = self.peers.iter().map(|p| p.local_peer()).collect();
+                for (i, w) in watches.iter().enumerate() {
+                    if w.members.len() < n - 1 {
+                        let missing: Vec<usize> = (0..n).filter(|j| *j != i && !w.members.contains(&ids[*j])).collect();
+                        eprintln!("  peer {i} misses {missing:?} conns {}", w.peer.connections());
+                    }
+                }
+                let c = |f: fn(&Membership) -> u64| self.peers.iter().map(f).sum::<u64>();
+                eprintln!(
+                    "  sent {} received {} malformed {} unreachable {} spoofed {}",
+                    c(|p| p.counters().datagrams_sent.get()),
+                    c(|p| p.counters().datagrams_received.get()),
+                    c(|p| p.counters().datagrams_malformed.get()),
+                    c(|p| p.counters().datagrams_unreachable.get()),
+                    c(|p| p.counters().datagrams_spoofed.get())
+                );
+            }
             if now >= deadline {
                 return (None, Progress::of(&watches));
             }
