@@ -520,3 +520,77 @@ async fn forged_records_are_refused_by_every_peer_and_counted() {
         peer.shutdown();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_spoofed_membership_packets_are_dropped_and_counted() {
+    let _serial = SERIAL.lock().await;
+    let mut swarm = Swarm::new();
+    let first = swarm.config("g-0", None);
+    swarm.start(first).await;
+    let bootstrap = swarm.bootstrap_address();
+    let second = swarm.config("g-1", Some(bootstrap.clone()));
+    let honest = swarm.start(second).await;
+    wait_until("two peers see each other", Duration::from_secs(10), || {
+        swarm.peers.iter().all(|(_, p)| p.members().len() == 1)
+    })
+    .await;
+    let target = &swarm.peers[0].1;
+
+    // A stranger connects and sends garbage, truncated packets, and a packet claiming to be the honest peer.
+    let stranger = Keypair::generate();
+    let conn = swarm.hub.transport(&stranger).dial(&bootstrap).await.unwrap();
+    let mut garbage: Vec<Bytes> = vec![
+        Bytes::new(),
+        Bytes::from_static(&[0xff; 3]),
+        Bytes::from(vec![7u8; 900]),
+    ];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for len in [40usize, 120, 400, 1000] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        garbage.push(Bytes::from(bytes));
+    }
+    let honest_id = honest.identity().await.unwrap();
+    let target_id = target.identity().await.unwrap();
+    let spoofed = {
+        use foca::Codec;
+        let header = foca::Header {
+            src: honest_id,
+            src_incarnation: 0,
+            dst: target_id,
+            message: foca::Message::Ping(1),
+        };
+        let mut buf = Vec::new();
+        colony::membership::identity::MemberCodec
+            .encode_header(&header, &mut buf)
+            .unwrap();
+        Bytes::from(buf)
+    };
+    let malformed_before = target.counters().datagrams_malformed.get();
+    for packet in &garbage {
+        conn.send_datagram(packet.clone()).unwrap();
+    }
+    conn.send_datagram(spoofed).unwrap();
+    let counters = target.counters();
+    wait_until("bad packets are counted", Duration::from_secs(10), || {
+        counters.datagrams_malformed.get() >= malformed_before + garbage.len() as u64
+            && counters.datagrams_spoofed.get() >= 1
+    })
+    .await;
+    // The stranger is not a member, and the swarm still works.
+    assert!(!member_ids(target).contains(&stranger.peer_id()));
+    publish_progress(&honest, 5);
+    wait_until("a record still spreads", Duration::from_secs(10), || {
+        progress_entries(target) == 1
+    })
+    .await;
+    for (_, peer) in &swarm.peers {
+        peer.shutdown();
+    }
+}

@@ -409,4 +409,28 @@ mod tests {
         long[PEER_ID_LEN + 13..PEER_ID_LEN + 15].copy_from_slice(&u16::MAX.to_le_bytes());
         assert!(get_member_id(&mut &long[..]).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = MemberCodec.decode_header(&bytes[..]);
+            let _ = MemberCodec.decode_member(&bytes[..]);
+            let _ = crate::membership::join::decode_members(&bytes);
+        }
+
+        #[test]
+        fn mutated_headers_never_panic_the_decoder(index in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+            let header = Header {
+                src: member(1, true),
+                src_incarnation: 1,
+                dst: member(2, false),
+                message: Message::PingReq { target: member(3, true), probe_number: 4 },
+            };
+            let mut buf = Vec::new();
+            MemberCodec.encode_header(&header, &mut buf).unwrap();
+            let index = index % buf.len();
+            buf[index] = byte;
+            let _ = MemberCodec.decode_header(&buf[..]);
+        }
+    }
 }

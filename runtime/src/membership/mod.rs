@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr, ArbiterHandle};
 use bytes::Bytes;
 use colony_transports::rpc::{Router, StreamConfig};
-use colony_transports::{Address, Keypair, PeerId, Scheme, Transport, TransportError};
+use colony_transports::{Address, Connection, Keypair, PeerId, Scheme, Transport, TransportError};
 use tokio::sync::broadcast as channel;
 use tokio::task::JoinSet;
 
@@ -533,7 +533,7 @@ impl Membership {
                 clock: config.clock.clone(),
                 admit: move |joiner: MemberId| {
                     let actor = admit_cell.get().cloned();
-                    async move { actor?.send(actor::Admit(joiner)).await.ok() }
+                    async move { ask(&actor?, actor::Admit(joiner)).await.ok() }
                 },
             },
         );
@@ -623,7 +623,17 @@ impl Membership {
                 }
                 let attempt = tokio::time::timeout(left.min(config.join_attempt_timeout), self.join_via(address));
                 let error = match attempt.await {
-                    Ok(Ok(())) => return Ok(()),
+                    Ok(Ok(conn)) => {
+                        // Catch up on the records in one exchange (each step bounded by the stream's message
+                        // timeout); the periodic exchanges and gossip do the rest.
+                        match sync::sync_with(&conn, &shared.replica, &config.stream).await {
+                            Ok(applied) => tracing::debug!(?applied, "caught up on records"),
+                            Err(error) => {
+                                tracing::warn!(%error, "first records exchange failed; later exchanges will catch up")
+                            }
+                        }
+                        return Ok(());
+                    }
                     Ok(Err(Attempt::Fatal(error))) => return Err(error),
                     Ok(Err(Attempt::Retry(error))) => error,
                     Err(_) => format!("no answer within {:?}", left.min(config.join_attempt_timeout)),
@@ -643,7 +653,7 @@ impl Membership {
         }
     }
 
-    async fn join_via(&self, address: &Address) -> Result<(), Attempt> {
+    async fn join_via(&self, address: &Address) -> Result<Connection, Attempt> {
         let shared = &self.inner.shared;
         let config = &shared.config;
         if address.peer() == Some(self.local_peer()) {
@@ -695,20 +705,12 @@ impl Membership {
             }));
         }
         tracing::info!(%address, members = joined.members.len(), skew_secs = joined.skew, "joined the swarm");
-        self.inner
-            .actor
-            .send(actor::Learn {
-                bootstrap: joined.bootstrap,
-                members: joined.members,
-            })
-            .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
-        // Catch up on the records in one exchange; the periodic exchanges and gossip do the rest.
-        match sync::sync_with(&conn, &shared.replica, &config.stream).await {
-            Ok(applied) => tracing::debug!(?applied, "caught up on records"),
-            Err(error) => tracing::warn!(%error, "first records exchange failed; later exchanges will catch up"),
-        }
-        Ok(())
+        let learn = actor::Learn {
+            bootstrap: joined.bootstrap,
+            members: joined.members,
+        };
+        ask(&self.inner.actor, learn).await.map_err(Attempt::Retry)?;
+        Ok(conn)
     }
 
     /// This peer's id.
@@ -728,11 +730,7 @@ impl Membership {
 
     /// This peer's current member identity (its generation changes when it rejoins).
     pub async fn identity(&self) -> Result<MemberId, String> {
-        self.inner
-            .actor
-            .send(actor::CurrentIdentity)
-            .await
-            .map_err(|e| format!("membership actor: {e}"))
+        ask(&self.inner.actor, actor::CurrentIdentity).await
     }
 
     /// The other active members, sorted by peer id. Local: no network round trip.
@@ -812,7 +810,7 @@ impl Membership {
     /// time), then stops.
     pub async fn leave(&self) {
         if !self.inner.stopped.load(Ordering::SeqCst) {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.actor.send(actor::Leave)).await;
+            let _ = ask(&self.inner.actor, actor::Leave).await;
             // Let the goodbye packets leave before the connections close.
             tokio::time::sleep(actor::LEAVE_FLUSH).await;
         }
@@ -822,6 +820,22 @@ impl Membership {
     /// Stops at once without telling the others (they notice within the failure detection time).
     pub fn shutdown(&self) {
         self.inner.stop();
+    }
+}
+
+/// How long a request to the membership actor may wait (it answers in microseconds unless it is gone).
+const ACTOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn ask<M>(actor: &Addr<MembershipActor>, message: M) -> Result<M::Result, String>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    MembershipActor: actix::Handler<M>,
+{
+    match tokio::time::timeout(ACTOR_TIMEOUT, actor.send(message)).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => Err(format!("membership actor: {error}")),
+        Err(_) => Err(format!("membership actor did not answer within {ACTOR_TIMEOUT:?}")),
     }
 }
 
