@@ -28,6 +28,9 @@ struct Entry {
 
 struct Inner {
     conns: HashMap<PeerId, Entry>,
+    /// Connections replaced by a newer one to the same peer (both sides dialed at once): still served, as
+    /// the remote may be using them, and closed after the idle timeout.
+    retired: Vec<(Connection, Instant)>,
     tasks: JoinSet<()>,
     closed: bool,
 }
@@ -73,6 +76,7 @@ impl Pool {
             runtime,
             inner: Mutex::new(Inner {
                 conns: HashMap::new(),
+                retired: Vec::new(),
                 tasks: JoinSet::new(),
                 closed: false,
             }),
@@ -136,7 +140,7 @@ impl Pool {
         }
         while inner.tasks.try_join_next().is_some() {}
         let pinned = pinned || inner.conns.get(&peer).is_some_and(|e| e.pinned);
-        inner.conns.insert(
+        let replaced = inner.conns.insert(
             peer,
             Entry {
                 conn: conn.clone(),
@@ -144,6 +148,12 @@ impl Pool {
                 pinned,
             },
         );
+        if let Some(old) = replaced
+            && !old.conn.same_as(&conn)
+            && old.conn.close_reason().is_none()
+        {
+            inner.retired.push((old.conn, Instant::now()));
+        }
         let (router, sink, losses, served) = (
             self.router.clone(),
             self.datagrams.clone(),
@@ -179,6 +189,13 @@ impl Pool {
 
     fn evict(&self, inner: &mut Inner) {
         let now = Instant::now();
+        inner.retired.retain(|(conn, since)| {
+            let keep = conn.close_reason().is_none() && now.duration_since(*since) <= self.limits.idle_timeout;
+            if !keep {
+                conn.close("replaced by a newer connection");
+            }
+            keep
+        });
         inner.conns.retain(|_, entry| {
             let idle = !entry.pinned && now.duration_since(entry.last_used) > self.limits.idle_timeout;
             let keep = entry.conn.close_reason().is_none() && !idle;
@@ -233,6 +250,92 @@ impl Pool {
         for (_, entry) in inner.conns.drain() {
             entry.conn.close(reason);
         }
+        for (conn, _) in inner.retired.drain(..) {
+            conn.close(reason);
+        }
         inner.tasks.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colony_transports::Keypair;
+    use colony_transports::mem::MemHub;
+
+    fn pool(hub: &MemHub, keypair: &Keypair, max_connections: usize, idle_timeout: Duration) -> Arc<Pool> {
+        Pool::new(
+            hub.transport(keypair),
+            Arc::new(Router::default()),
+            Arc::new(|_, _| {}),
+            Arc::new(|_, _| {}),
+            PoolLimits {
+                max_connections,
+                idle_timeout,
+                dial_timeout: Duration::from_secs(5),
+            },
+            tokio::runtime::Handle::current(),
+        )
+    }
+
+    /// A listening peer on `hub` at `mem://name`, accepting and keeping connections.
+    async fn listener(hub: &MemHub, name: &str) -> (Keypair, tokio::task::JoinHandle<()>) {
+        let keypair = Keypair::generate();
+        let mut listener = hub
+            .transport(&keypair)
+            .listen(&format!("mem://{name}").parse().unwrap())
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok(conn) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        (keypair, task)
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_unpinned_connection_goes_first() {
+        let hub = MemHub::new();
+        let me = Keypair::generate();
+        let pool = pool(&hub, &me, 2, Duration::from_secs(60));
+        let mut peers = Vec::new();
+        for name in ["p0", "p1", "p2"] {
+            peers.push(listener(&hub, name).await);
+        }
+        let c0 = pool.dial(&"mem://p0".parse().unwrap()).await.unwrap();
+        pool.pin(&c0.remote_peer());
+        let c1 = pool.dial(&"mem://p1".parse().unwrap()).await.unwrap();
+        let c2 = pool.dial(&"mem://p2".parse().unwrap()).await.unwrap();
+        assert_eq!(pool.len(), 2);
+        assert!(c0.close_reason().is_none(), "pinned connections stay");
+        assert!(c1.close_reason().is_some(), "the least recently used one is closed");
+        assert!(c2.close_reason().is_none());
+        pool.close("test over");
+        assert!(c0.close_reason().is_some() && c2.close_reason().is_some());
+        for (_, task) in peers {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_connection_is_served_then_closed_after_the_idle_timeout() {
+        let hub = MemHub::new();
+        let me = Keypair::generate();
+        let pool = pool(&hub, &me, 8, Duration::from_millis(50));
+        let (_peer, task) = listener(&hub, "twice").await;
+        let first = pool.dial(&"mem://twice".parse().unwrap()).await.unwrap();
+        let second = pool.dial(&"mem://twice".parse().unwrap()).await.unwrap();
+        assert_eq!(pool.len(), 1);
+        assert!(pool.get(&second.remote_peer()).unwrap().same_as(&second));
+        assert!(first.close_reason().is_none(), "the replaced connection is still open");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        pool.pin(&second.remote_peer());
+        pool.sweep();
+        assert!(first.close_reason().is_some(), "closed after the idle timeout");
+        assert!(second.close_reason().is_none(), "pinned, so not idle-closed");
+        pool.close("test over");
+        task.abort();
     }
 }
