@@ -27,7 +27,8 @@ pub mod replica;
 pub mod sync;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use colony_transports::identity::{Keypair, PeerId, SIGNATURE_LEN};
@@ -124,6 +125,40 @@ impl Record {
     }
 }
 
+/// Signatures verified so far in this process, as hashes of (peer, message, signature), in two
+/// generations of at most [`VERIFIED_GENERATION`] each. Verification is a pure function of those three,
+/// so a record that reaches a peer many times (gossip, anti-entropy), or many peers simulated in one
+/// process, is verified once.
+type Generations = (HashSet<[u8; 32]>, HashSet<[u8; 32]>);
+static VERIFIED: LazyLock<Mutex<Generations>> = LazyLock::new(Mutex::default);
+const VERIFIED_GENERATION: usize = 1 << 16;
+
+fn verify_signature(peer: &PeerId, message: &[u8], signature: &[u8; SIGNATURE_LEN]) -> bool {
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    hasher.update(b"colony/verified/1");
+    hasher.update(peer.as_bytes());
+    hasher.update(&(message.len() as u64).to_le_bytes());
+    hasher.update(message);
+    hasher.update(signature);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(hasher.finish().as_ref());
+    {
+        let verified = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.0.contains(&key) || verified.1.contains(&key) {
+            return true;
+        }
+    }
+    if peer.verify(message, signature).is_err() {
+        return false;
+    }
+    let mut verified = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+    if verified.0.len() >= VERIFIED_GENERATION {
+        verified.1 = std::mem::take(&mut verified.0);
+    }
+    verified.0.insert(key);
+    true
+}
+
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(bytes);
@@ -152,18 +187,96 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Slots {
     plain: Option<Entry>,
     subkeys: BTreeMap<Subkey, Entry>,
+    /// The latest expiration among the subkeys (a dictionary's expiration).
+    latest_subkey: Option<Time>,
+    /// Subkeys holding a value (not a deletion).
+    live_subkeys: usize,
+    /// No entry expires before this (it may be earlier than the true minimum; then a scan finds nothing).
+    earliest: Time,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            plain: None,
+            subkeys: BTreeMap::new(),
+            latest_subkey: None,
+            live_subkeys: 0,
+            earliest: Time::INFINITY,
+        }
+    }
+}
+
+/// What a read of one key shows, as far as one write can change it: compared before and after a write to
+/// tell whether the write was visible, without building the whole dictionary.
+#[derive(Debug, PartialEq)]
+enum Glance {
+    Nothing,
+    Value(Bytes, Time),
+    Dictionary {
+        expiration: Time,
+        entry: Option<(Bytes, Time)>,
+    },
 }
 
 impl Slots {
     fn latest_subkey(&self) -> Option<Time> {
-        self.subkeys
+        self.latest_subkey
+    }
+
+    fn glance(&self, subkey: Option<&Subkey>) -> Glance {
+        if let Some(plain) = &self.plain
+            && self.latest_subkey.is_none_or(|latest| plain.expiration > latest)
+        {
+            return match &plain.value {
+                Some(value) => Glance::Value(value.clone(), plain.expiration),
+                None => Glance::Nothing,
+            };
+        }
+        match self.latest_subkey {
+            Some(expiration) if self.live_subkeys > 0 => Glance::Dictionary {
+                expiration,
+                entry: subkey
+                    .and_then(|subkey| self.subkeys.get(subkey))
+                    .and_then(|entry| entry.value.clone().map(|value| (value, entry.expiration))),
+            },
+            _ => Glance::Nothing,
+        }
+    }
+
+    fn put(&mut self, subkey: Option<Subkey>, entry: Entry) {
+        self.earliest = self.earliest.min(entry.expiration);
+        match subkey {
+            None => self.plain = Some(entry),
+            Some(subkey) => {
+                let expiration = entry.expiration;
+                let live = entry.value.is_some();
+                let old = self.subkeys.insert(subkey, entry);
+                if old.is_some_and(|old| old.value.is_some()) {
+                    self.live_subkeys -= 1;
+                }
+                if live {
+                    self.live_subkeys += 1;
+                }
+                self.latest_subkey = Some(self.latest_subkey.map_or(expiration, |l| l.max(expiration)));
+            }
+        }
+    }
+
+    /// Recomputes the aggregates after entries were removed.
+    fn recount(&mut self) {
+        self.latest_subkey = self.subkeys.values().map(|e| e.expiration).max_by(f64::total_cmp);
+        self.live_subkeys = self.subkeys.values().filter(|e| e.value.is_some()).count();
+        self.earliest = self
+            .subkeys
             .values()
-            .map(|entry| entry.expiration)
-            .max_by(f64::total_cmp)
+            .chain(self.plain.iter())
+            .map(|e| e.expiration)
+            .fold(Time::INFINITY, f64::min);
     }
 
     fn view(&self) -> Option<View> {
@@ -187,13 +300,6 @@ impl Slots {
             .collect();
         let expiration = self.latest_subkey()?;
         (!entries.is_empty()).then_some(View::Dictionary { entries, expiration })
-    }
-
-    fn remove_expired(&mut self, now: Time) {
-        if self.plain.as_ref().is_some_and(|entry| entry.expiration <= now) {
-            self.plain = None;
-        }
-        self.subkeys.retain(|_, entry| entry.expiration > now);
     }
 
     fn is_empty(&self) -> bool {
@@ -354,6 +460,10 @@ pub struct RecordStore {
     keys: HashMap<String, Slots>,
     per_peer: HashMap<PeerId, usize>,
     entries: usize,
+    /// No entry expires before this (may be earlier than the true minimum).
+    earliest: Time,
+    /// The digest and its fingerprint, until the next change.
+    digest_cache: Option<(Arc<[DigestEntry]>, [u8; 32])>,
 }
 
 impl RecordStore {
@@ -366,6 +476,8 @@ impl RecordStore {
             keys: HashMap::new(),
             per_peer: HashMap::new(),
             entries: 0,
+            earliest: Time::INFINITY,
+            digest_cache: None,
         }
     }
 
@@ -429,12 +541,13 @@ impl RecordStore {
                 peer: *peer,
                 problem: "is not signed",
             })?;
-            peer.verify(&record.signed_bytes(&self.run_id), &signature)
-                .map_err(|_| RecordError::BadSignature {
+            if !verify_signature(peer, &record.signed_bytes(&self.run_id), &signature) {
+                return Err(RecordError::BadSignature {
                     key: key(),
                     peer: *peer,
                     problem: "carries a signature that is not the owner's",
-                })?;
+                });
+            }
         }
         Ok(())
     }
@@ -442,8 +555,16 @@ impl RecordStore {
     /// Stores `record` if it is valid and newer than what its slot holds.
     pub fn store(&mut self, record: Record, now: Time) -> Result<Stored, RecordError> {
         self.validate(&record, now)?;
+        self.insert_validated(record, now)
+    }
+
+    /// [`RecordStore::store`] for a record that [`RecordStore::validate`] accepted at `now`.
+    pub(crate) fn insert_validated(&mut self, record: Record, now: Time) -> Result<Stored, RecordError> {
         self.remove_expired_key(&record.key, now);
-        let before = self.keys.get(&record.key).and_then(Slots::view);
+        let before = self
+            .keys
+            .get(&record.key)
+            .map_or(Glance::Nothing, |slots| slots.glance(record.subkey.as_ref()));
         let entry = Entry {
             value: record.value,
             expiration: record.expiration,
@@ -492,14 +613,12 @@ impl RecordStore {
             }
             self.entries += 1;
         }
+        self.earliest = self.earliest.min(entry.expiration);
+        self.digest_cache = None;
         let slots = self.keys.entry(record.key.clone()).or_default();
-        match record.subkey {
-            None => slots.plain = Some(entry),
-            Some(subkey) => {
-                slots.subkeys.insert(subkey, entry);
-            }
-        }
-        let after = slots.view();
+        let subkey = record.subkey;
+        slots.put(subkey.clone(), entry);
+        let after = slots.glance(subkey.as_ref());
         Ok(if after != before {
             Stored::Visible
         } else {
@@ -515,31 +634,52 @@ impl RecordStore {
 
     /// Drops every entry that expired at `now`.
     pub fn remove_expired(&mut self, now: Time) {
-        let keys: Vec<String> = self.keys.keys().cloned().collect();
-        for key in keys {
+        if self.earliest > now {
+            return;
+        }
+        let due: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, slots)| slots.earliest <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
             self.remove_expired_key(&key, now);
         }
+        self.earliest = self.keys.values().map(|s| s.earliest).fold(Time::INFINITY, f64::min);
     }
 
     fn remove_expired_key(&mut self, key: &str, now: Time) {
         let Some(slots) = self.keys.get_mut(key) else { return };
-        let before: Vec<Subkey> = slots.subkeys.keys().cloned().collect();
-        let had_plain = slots.plain.is_some();
-        slots.remove_expired(now);
-        let removed_plain = usize::from(had_plain && slots.plain.is_none());
-        let mut removed = removed_plain;
-        for subkey in before.iter().filter(|subkey| !slots.subkeys.contains_key(*subkey)) {
+        if slots.earliest > now {
+            return;
+        }
+        let mut removed = 0;
+        if slots.plain.as_ref().is_some_and(|entry| entry.expiration <= now) {
+            slots.plain = None;
+            removed += 1;
+        }
+        let per_peer = &mut self.per_peer;
+        slots.subkeys.retain(|subkey, entry| {
+            if entry.expiration > now {
+                return true;
+            }
             removed += 1;
             if let Subkey::Peer(peer) = subkey
-                && let Some(count) = self.per_peer.get_mut(peer)
+                && let Some(count) = per_peer.get_mut(peer)
             {
                 *count -= 1;
                 if *count == 0 {
-                    self.per_peer.remove(peer);
+                    per_peer.remove(peer);
                 }
             }
-        }
+            false
+        });
+        slots.recount();
         self.entries -= removed;
+        if removed > 0 {
+            self.digest_cache = None;
+        }
         if slots.is_empty() {
             self.keys.remove(key);
         }
@@ -562,10 +702,19 @@ impl RecordStore {
 
     /// A hash of the digest: two stores with the same fingerprint hold the same slots at the same
     /// expirations, so an anti-entropy exchange between them can stop after comparing fingerprints.
-    pub fn fingerprint(&self) -> [u8; 32] {
+    pub fn fingerprint(&mut self) -> [u8; 32] {
+        self.digest_and_fingerprint().1
+    }
+
+    /// The digest and its fingerprint, computed once per change of the store.
+    pub fn digest_and_fingerprint(&mut self) -> (Arc<[DigestEntry]>, [u8; 32]) {
+        if let Some(cached) = &self.digest_cache {
+            return cached.clone();
+        }
+        let digest: Arc<[DigestEntry]> = self.digest().into();
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         let mut scratch = Vec::with_capacity(128);
-        for entry in self.digest() {
+        for entry in digest.iter() {
             scratch.clear();
             put_bytes(&mut scratch, entry.key.as_bytes());
             match &entry.subkey {
@@ -575,9 +724,10 @@ impl RecordStore {
             scratch.extend_from_slice(&entry.expiration.to_bits().to_le_bytes());
             hasher.update(&scratch);
         }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(hasher.finish().as_ref());
-        out
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(hasher.finish().as_ref());
+        self.digest_cache = Some((digest.clone(), fingerprint));
+        (digest, fingerprint)
     }
 
     /// Every entry held, as (key, subkey, expiration), sorted: what an anti-entropy exchange compares.
@@ -612,17 +762,36 @@ impl RecordStore {
     /// digest does not carry the bytes that break such ties.) `remote` must be sorted as
     /// [`RecordStore::digest`] returns it.
     pub fn missing_from(&self, remote: &[DigestEntry], now: Time) -> Vec<Record> {
-        let held_remotely = |key: &str, subkey: &Option<Subkey>| {
+        let held_remotely = |key: &str, subkey: Option<&Subkey>| {
             remote
-                .binary_search_by(|entry| (entry.key.as_str(), &entry.subkey).cmp(&(key, subkey)))
+                .binary_search_by(|entry| (entry.key.as_str(), entry.subkey.as_ref()).cmp(&(key, subkey)))
                 .ok()
                 .map(|index| remote[index].expiration)
         };
-        self.records()
-            .into_iter()
-            .filter(|record| record.expiration > now)
-            .filter(|record| held_remotely(&record.key, &record.subkey).is_none_or(|theirs| record.expiration > theirs))
-            .collect()
+        let lacking = |key: &str, subkey: Option<&Subkey>, entry: &Entry| {
+            entry.expiration > now && held_remotely(key, subkey).is_none_or(|theirs| entry.expiration > theirs)
+        };
+        let mut out = Vec::new();
+        for (key, slots) in &self.keys {
+            let as_record = |subkey: Option<Subkey>, entry: &Entry| Record {
+                key: key.clone(),
+                subkey,
+                value: entry.value.clone(),
+                expiration: entry.expiration,
+                signature: entry.signature,
+            };
+            if let Some(entry) = &slots.plain
+                && lacking(key, None, entry)
+            {
+                out.push(as_record(None, entry));
+            }
+            for (subkey, entry) in &slots.subkeys {
+                if lacking(key, Some(subkey), entry) {
+                    out.push(as_record(Some(subkey.clone()), entry));
+                }
+            }
+        }
+        out
     }
 
     /// The records held, to send to a peer (every entry as the record that wrote it).

@@ -234,10 +234,12 @@ impl Replica {
     fn apply_inner(&self, record: Record, writer: PeerId) -> Result<Stored, Refused> {
         let now = self.now();
         let mut store = self.lock();
-        store.validate(&record, now)?;
+        // A record that cannot win its slot changes nothing, whatever it holds: most of what gossip and
+        // anti-entropy bring is such a duplicate, and checking it first spares its signature check.
         if !store.would_win(&record) {
             return Ok(Stored::Outdated);
         }
+        store.validate(&record, now)?;
         let owner = match &record.subkey {
             Some(Subkey::Peer(peer)) => *peer,
             _ => writer,
@@ -265,7 +267,7 @@ impl Replica {
             value: record.value.clone(),
             expiration: record.expiration,
         };
-        let stored = store.store(record, now)?;
+        let stored = store.insert_validated(record, now)?;
         drop(store);
         if stored == Stored::Visible {
             // No receivers is not an error: nobody subscribed yet.
@@ -305,11 +307,11 @@ impl Replica {
     }
 
     /// The digest and fingerprint after dropping expired entries.
-    pub fn digest(&self) -> (Vec<DigestEntry>, [u8; 32]) {
+    pub fn digest(&self) -> (Arc<[DigestEntry]>, [u8; 32]) {
         let now = self.now();
         let mut store = self.lock();
         store.remove_expired(now);
-        (store.digest(), store.fingerprint())
+        store.digest_and_fingerprint()
     }
 
     /// The fingerprint after dropping expired entries.

@@ -486,4 +486,35 @@ proptest! {
             prop_assert_eq!(snapshot(&mut first, now), snapshot(&mut second, now));
         }
     }
+
+    #[test]
+    fn a_write_is_visible_exactly_when_the_read_changes(
+        (records, times) in {
+            let signers = vec![Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32])];
+            (
+                prop::collection::vec(arbitrary_record(&signers), 1..32),
+                prop::collection::vec(0..4u8, 32),
+            )
+        }
+    ) {
+        // Time moves forward between writes, so entries also expire on the way.
+        let mut store = store();
+        for (record, step) in records.into_iter().zip(times) {
+            let now = NOW + f64::from(step) * 0.5;
+            let key = record.key.clone();
+            let before = store.get(&key, now);
+            let fingerprint = store.fingerprint();
+            match store.store(record, now) {
+                Ok(Stored::Visible) => prop_assert_ne!(store.get(&key, now), before),
+                Ok(Stored::Hidden) => prop_assert_eq!(store.get(&key, now), before),
+                Ok(Stored::Outdated) | Err(_) => {
+                    prop_assert_eq!(store.get(&key, now), before);
+                    prop_assert_eq!(store.fingerprint(), fingerprint);
+                }
+            }
+            // The cached digest is the digest.
+            let digest = store.digest();
+            prop_assert_eq!(&store.digest_and_fingerprint().0[..], &digest[..]);
+        }
+    }
 }
