@@ -4,30 +4,43 @@
 //! Everything that waits (dials, anti-entropy exchanges) runs as tokio tasks on the data-plane runtime and
 //! reports back with a message, so the actor never blocks and its state changes only inside handlers.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
 use colony_transports::PeerId;
+use colony_transports::identity::PEER_ID_LEN;
 use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, Timer};
 use rand::RngExt;
 use rand::rngs::StdRng;
 
 use super::broadcast::RecordBroadcasts;
-use super::identity::{MemberCodec, MemberId, Role};
+use super::identity::{CachingCodec, MemberId, Role};
 use super::{MemberInfo, MembershipEvent, Shared};
 use crate::records::sync;
 
-type Swim = Foca<MemberId, MemberCodec, StdRng, RecordBroadcasts>;
+type Swim = Foca<MemberId, CachingCodec, StdRng, RecordBroadcasts>;
 
 /// Datagrams queued for a peer while it is being dialed.
 const MAX_PENDING_PER_PEER: usize = 16;
 
+/// foca's timers, kept in one heap with a single actor timer armed for the earliest: actix polls every
+/// pending `run_later` of an actor on each wake-up, so one per foca timer would cost O(timers) per message.
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    pending: HashMap<u64, Timer<MemberId>>,
+    next: u64,
+    armed: Option<Instant>,
+}
+
 pub(crate) struct MembershipActor {
     swim: Swim,
     runtime: AccumulatingRuntime<MemberId>,
+    timers: Timers,
     shared: Arc<Shared>,
     rng: StdRng,
     dialing: HashMap<PeerId, Vec<Bytes>>,
@@ -40,6 +53,7 @@ impl MembershipActor {
         Self {
             swim,
             runtime: AccumulatingRuntime::new(),
+            timers: Timers::default(),
             shared,
             rng: rand::make_rng(),
             dialing: HashMap::new(),
@@ -54,18 +68,54 @@ impl MembershipActor {
             self.send(to, data, ctx);
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
-            ctx.run_later(after, move |actor, ctx| actor.on_timer(timer, ctx));
+            self.schedule(after, timer, ctx);
         }
         while let Some(notification) = self.runtime.to_notify() {
             self.on_notification(notification);
         }
     }
 
-    fn on_timer(&mut self, timer: Timer<MemberId>, ctx: &mut Context<Self>) {
-        if let Err(error) = self.swim.handle_timer(timer, &mut self.runtime) {
-            tracing::debug!(%error, "membership timer");
+    fn schedule(&mut self, after: Duration, timer: Timer<MemberId>, ctx: &mut Context<Self>) {
+        let deadline = Instant::now() + after;
+        let timers = &mut self.timers;
+        let seq = timers.next;
+        timers.next += 1;
+        timers.heap.push(Reverse((deadline, seq)));
+        timers.pending.insert(seq, timer);
+        self.arm(ctx);
+    }
+
+    /// Makes sure an actor timer is pending for the earliest foca timer.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(Reverse((earliest, _))) = self.timers.heap.peek().copied() else {
+            return;
+        };
+        if self.timers.armed.is_none_or(|armed| earliest < armed) {
+            self.timers.armed = Some(earliest);
+            let after = earliest.saturating_duration_since(Instant::now());
+            ctx.run_later(after, |actor, ctx| actor.fire_timers(ctx));
+        }
+    }
+
+    fn fire_timers(&mut self, ctx: &mut Context<Self>) {
+        // Actor timers may fire a hair before the instant they were armed for.
+        let now = Instant::now() + Duration::from_millis(1);
+        if self.timers.armed.is_some_and(|armed| armed <= now) {
+            self.timers.armed = None;
+        }
+        while let Some(Reverse((deadline, seq))) = self.timers.heap.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.timers.heap.pop();
+            if let Some(timer) = self.timers.pending.remove(&seq)
+                && let Err(error) = self.swim.handle_timer(timer, &mut self.runtime)
+            {
+                tracing::debug!(%error, "membership timer");
+            }
         }
         self.drain(ctx);
+        self.arm(ctx);
     }
 
     fn send(&mut self, to: MemberId, data: Bytes, ctx: &mut Context<Self>) {
@@ -217,18 +267,18 @@ impl Handler<Datagram> for MembershipActor {
     fn handle(&mut self, msg: Datagram, ctx: &mut Context<Self>) {
         let counters = &self.shared.counters;
         counters.datagrams_received.inc();
-        // The sender named in the packet must be the peer the connection proved; anything else is spoofing.
-        let mut peek = &msg.data[..];
-        match foca::Codec::decode_header(&mut MemberCodec, &mut peek) {
-            Ok(header) if header.src.peer == msg.from => {}
-            Ok(header) => {
+        // The sender named in the packet (its first bytes) must be the peer the connection proved; anything
+        // else is spoofing. foca decodes the rest.
+        match msg.data.get(..PEER_ID_LEN).map(PeerId::try_from_slice) {
+            Some(Ok(claimed)) if claimed == msg.from => {}
+            Some(Ok(claimed)) => {
                 counters.datagrams_spoofed.inc();
-                tracing::debug!(from = %msg.from.short(), claimed = %header.src.peer.short(), "dropped a membership packet claiming another sender");
+                tracing::debug!(from = %msg.from.short(), claimed = %claimed.short(), "dropped a membership packet claiming another sender");
                 return;
             }
-            Err(error) => {
+            _ => {
                 counters.datagrams_malformed.inc();
-                tracing::debug!(from = %msg.from.short(), %error, "dropped a malformed membership packet");
+                tracing::debug!(from = %msg.from.short(), "dropped a membership packet too short to name its sender");
                 return;
             }
         }

@@ -76,6 +76,16 @@ pub struct MemberId {
 // Bandwidth is finite (checked on decode and at construction), so equality is total.
 impl Eq for MemberId {}
 
+impl std::hash::Hash for MemberId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.peer.hash(state);
+        self.generation.hash(state);
+        self.role.hash(state);
+        self.address.hash(state);
+        self.bandwidth_mbps.to_bits().hash(state);
+    }
+}
+
 impl foca::Identity for MemberId {
     type Addr = PeerId;
 
@@ -204,15 +214,70 @@ const TURN_UNDEAD: u8 = 11;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MemberCodec;
 
-impl MemberCodec {
-    fn header_bytes(header: &Header<MemberId>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        put_member_id(&mut out, &header.src);
-        out.extend_from_slice(&header.src_incarnation.to_le_bytes());
-        put_member_id(&mut out, &header.dst);
-        let with = |out: &mut Vec<u8>, tag: u8, id: &MemberId, probe: u8| {
+/// Identities remembered by a [`CachingCodec`] in each direction before it starts over.
+const CODEC_CACHE_ENTRIES: usize = 4096;
+
+/// [`MemberCodec`] with memory: every packet repeats the same few hundred identities, so their encodings
+/// and decodings (address formatting and parsing, base58) are computed once and reused. Bounded.
+#[derive(Debug, Default)]
+pub struct CachingCodec {
+    encoded: std::collections::HashMap<MemberId, std::sync::Arc<[u8]>>,
+    decoded: std::collections::HashMap<Box<[u8]>, MemberId>,
+}
+
+/// The bytes of a member identity before its address.
+const FIXED_ID_BYTES: usize = PEER_ID_LEN + 8 + 1 + 4 + 2;
+
+impl CachingCodec {
+    fn put_id(&mut self, out: &mut Vec<u8>, id: &MemberId) {
+        if let Some(bytes) = self.encoded.get(id) {
+            out.extend_from_slice(bytes);
+            return;
+        }
+        let start = out.len();
+        put_member_id(out, id);
+        if self.encoded.len() >= CODEC_CACHE_ENTRIES {
+            self.encoded.clear();
+        }
+        self.encoded.insert(id.clone(), out[start..].into());
+    }
+
+    fn get_id(&mut self, buf: &mut impl Buf) -> Result<MemberId, CodecError> {
+        let chunk = buf.chunk();
+        if chunk.len() >= FIXED_ID_BYTES {
+            let len = usize::from(u16::from_le_bytes([
+                chunk[FIXED_ID_BYTES - 2],
+                chunk[FIXED_ID_BYTES - 1],
+            ]));
+            let total = FIXED_ID_BYTES + len;
+            if len <= MAX_ADDRESS_BYTES && chunk.len() >= total {
+                if let Some(id) = self.decoded.get(&chunk[..total]) {
+                    let id = id.clone();
+                    buf.advance(total);
+                    return Ok(id);
+                }
+                let key: Box<[u8]> = chunk[..total].into();
+                let id = get_member_id(buf)?;
+                if self.decoded.len() >= CODEC_CACHE_ENTRIES {
+                    self.decoded.clear();
+                }
+                self.decoded.insert(key, id.clone());
+                return Ok(id);
+            }
+        }
+        get_member_id(buf)
+    }
+}
+
+fn header_bytes(header: &Header<MemberId>, put_id: &mut dyn FnMut(&mut Vec<u8>, &MemberId)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    put_id(&mut out, &header.src);
+    out.extend_from_slice(&header.src_incarnation.to_le_bytes());
+    put_id(&mut out, &header.dst);
+    {
+        let mut with = |out: &mut Vec<u8>, tag: u8, id: &MemberId, probe: u8| {
             out.push(tag);
-            put_member_id(out, id);
+            put_id(out, id);
             out.push(probe);
         };
         match &header.message {
@@ -228,85 +293,124 @@ impl MemberCodec {
             Message::Broadcast => out.push(BROADCAST),
             Message::TurnUndead => out.push(TURN_UNDEAD),
         }
-        out
     }
+    out
+}
+
+fn decode_header_with(
+    buf: &mut impl Buf,
+    get_id: &mut dyn FnMut(&mut dyn Buf) -> Result<MemberId, CodecError>,
+) -> Result<Header<MemberId>, CodecError> {
+    let src = get_id(buf)?;
+    let src_incarnation = get_u16(buf, "the sender's incarnation")?;
+    let dst = get_id(buf)?;
+    let tag = get_u8(buf, "the message kind")?;
+    let message = match tag {
+        PING => Message::Ping(get_u8(buf, "the probe number")?),
+        ACK => Message::Ack(get_u8(buf, "the probe number")?),
+        PING_REQ | INDIRECT_PING | INDIRECT_ACK | FORWARDED_ACK => {
+            let id = get_id(buf)?;
+            let probe_number = get_u8(buf, "the probe number")?;
+            match tag {
+                PING_REQ => Message::PingReq {
+                    target: id,
+                    probe_number,
+                },
+                INDIRECT_PING => Message::IndirectPing {
+                    origin: id,
+                    probe_number,
+                },
+                INDIRECT_ACK => Message::IndirectAck {
+                    target: id,
+                    probe_number,
+                },
+                _ => Message::ForwardedAck {
+                    origin: id,
+                    probe_number,
+                },
+            }
+        }
+        ANNOUNCE => Message::Announce,
+        FEED => Message::Feed,
+        GOSSIP => Message::Gossip,
+        BROADCAST => Message::Broadcast,
+        TURN_UNDEAD => Message::TurnUndead,
+        other => return Err(CodecError(format!("unknown message kind {other}"))),
+    };
+    Ok(Header {
+        src,
+        src_incarnation,
+        dst,
+        message,
+    })
+}
+
+fn member_bytes(id_bytes: Vec<u8>, member: &Member<MemberId>) -> Vec<u8> {
+    let mut out = id_bytes;
+    out.extend_from_slice(&member.incarnation().to_le_bytes());
+    out.push(match member.state() {
+        State::Alive => 0,
+        State::Suspect => 1,
+        State::Down => 2,
+    });
+    out
+}
+
+fn member_from(id: MemberId, buf: &mut impl Buf) -> Result<Member<MemberId>, CodecError> {
+    let incarnation: Incarnation = get_u16(buf, "the member's incarnation")?;
+    let state = match get_u8(buf, "the member's state")? {
+        0 => State::Alive,
+        1 => State::Suspect,
+        2 => State::Down,
+        other => return Err(CodecError(format!("unknown member state {other}"))),
+    };
+    Ok(Member::new(id, incarnation, state))
 }
 
 impl foca::Codec<MemberId> for MemberCodec {
     type Error = CodecError;
 
     fn encode_header(&mut self, header: &Header<MemberId>, mut buf: impl BufMut) -> Result<(), CodecError> {
-        put_or_refuse(&mut buf, &Self::header_bytes(header))
+        put_or_refuse(&mut buf, &header_bytes(header, &mut put_member_id))
     }
 
     fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<MemberId>, CodecError> {
-        let src = get_member_id(&mut buf)?;
-        let src_incarnation = get_u16(&mut buf, "the sender's incarnation")?;
-        let dst = get_member_id(&mut buf)?;
-        let tag = get_u8(&mut buf, "the message kind")?;
-        let probe_only = |buf: &mut _| get_u8(buf, "the probe number");
-        let message = match tag {
-            PING => Message::Ping(probe_only(&mut buf)?),
-            ACK => Message::Ack(probe_only(&mut buf)?),
-            PING_REQ | INDIRECT_PING | INDIRECT_ACK | FORWARDED_ACK => {
-                let id = get_member_id(&mut buf)?;
-                let probe_number = get_u8(&mut buf, "the probe number")?;
-                match tag {
-                    PING_REQ => Message::PingReq {
-                        target: id,
-                        probe_number,
-                    },
-                    INDIRECT_PING => Message::IndirectPing {
-                        origin: id,
-                        probe_number,
-                    },
-                    INDIRECT_ACK => Message::IndirectAck {
-                        target: id,
-                        probe_number,
-                    },
-                    _ => Message::ForwardedAck {
-                        origin: id,
-                        probe_number,
-                    },
-                }
-            }
-            ANNOUNCE => Message::Announce,
-            FEED => Message::Feed,
-            GOSSIP => Message::Gossip,
-            BROADCAST => Message::Broadcast,
-            TURN_UNDEAD => Message::TurnUndead,
-            other => return Err(CodecError(format!("unknown message kind {other}"))),
-        };
-        Ok(Header {
-            src,
-            src_incarnation,
-            dst,
-            message,
-        })
+        decode_header_with(&mut buf, &mut |mut buf| get_member_id(&mut buf))
     }
 
     fn encode_member(&mut self, member: &Member<MemberId>, mut buf: impl BufMut) -> Result<(), CodecError> {
-        let mut out = Vec::with_capacity(128);
-        put_member_id(&mut out, member.id());
-        out.extend_from_slice(&member.incarnation().to_le_bytes());
-        out.push(match member.state() {
-            State::Alive => 0,
-            State::Suspect => 1,
-            State::Down => 2,
-        });
-        put_or_refuse(&mut buf, &out)
+        let mut id = Vec::with_capacity(128);
+        put_member_id(&mut id, member.id());
+        put_or_refuse(&mut buf, &member_bytes(id, member))
     }
 
     fn decode_member(&mut self, mut buf: impl Buf) -> Result<Member<MemberId>, CodecError> {
         let id = get_member_id(&mut buf)?;
-        let incarnation: Incarnation = get_u16(&mut buf, "the member's incarnation")?;
-        let state = match get_u8(&mut buf, "the member's state")? {
-            0 => State::Alive,
-            1 => State::Suspect,
-            2 => State::Down,
-            other => return Err(CodecError(format!("unknown member state {other}"))),
-        };
-        Ok(Member::new(id, incarnation, state))
+        member_from(id, &mut buf)
+    }
+}
+
+impl foca::Codec<MemberId> for CachingCodec {
+    type Error = CodecError;
+
+    fn encode_header(&mut self, header: &Header<MemberId>, mut buf: impl BufMut) -> Result<(), CodecError> {
+        let bytes = header_bytes(header, &mut |out, id| self.put_id(out, id));
+        put_or_refuse(&mut buf, &bytes)
+    }
+
+    fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<MemberId>, CodecError> {
+        decode_header_with(&mut buf, &mut |mut buf| self.get_id(&mut buf))
+    }
+
+    fn encode_member(&mut self, member: &Member<MemberId>, mut buf: impl BufMut) -> Result<(), CodecError> {
+        let mut id = Vec::with_capacity(128);
+        self.put_id(&mut id, member.id());
+        put_or_refuse(&mut buf, &member_bytes(id, member))
+    }
+
+    fn decode_member(&mut self, mut buf: impl Buf) -> Result<Member<MemberId>, CodecError> {
+        let id = self.get_id(&mut buf)?;
+        member_from(id, &mut buf)
     }
 }
 
@@ -330,6 +434,7 @@ mod tests {
     #[test]
     fn every_message_kind_round_trips() {
         let (a, b, c) = (member(1, true), member(2, false), member(3, true));
+        let mut caching = CachingCodec::default();
         let messages = [
             Message::Ping(1),
             Message::Ack(2),
@@ -367,6 +472,15 @@ mod tests {
             let mut slice = &buf[..];
             assert_eq!(MemberCodec.decode_header(&mut slice).unwrap(), header);
             assert!(slice.is_empty());
+            // The caching codec writes the same bytes and reads them the same, from its caches too.
+            for _ in 0..2 {
+                let mut cached = Vec::new();
+                caching.encode_header(&header, &mut cached).unwrap();
+                assert_eq!(cached, buf);
+                let mut slice = &buf[..];
+                assert_eq!(caching.decode_header(&mut slice).unwrap(), header);
+                assert!(slice.is_empty());
+            }
             // Every truncation is an error, never a panic.
             for cut in 0..buf.len() {
                 assert!(MemberCodec.decode_header(&buf[..cut]).is_err(), "cut at {cut}");
@@ -415,6 +529,7 @@ mod tests {
         fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
             let _ = MemberCodec.decode_header(&bytes[..]);
             let _ = MemberCodec.decode_member(&bytes[..]);
+            let _ = CachingCodec::default().decode_header(&bytes[..]);
             let _ = crate::membership::join::decode_members(&bytes);
         }
 

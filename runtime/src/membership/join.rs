@@ -110,6 +110,8 @@ pub struct Admission<F> {
     pub run_id: String,
     /// Largest accepted clock difference, in seconds.
     pub max_skew: f64,
+    /// The longest a request can have been in transit, in seconds (the joiner's attempt timeout).
+    pub max_transit: f64,
     /// The clock.
     pub clock: crate::records::sync::Clock,
     /// Admits a member; `None` when this peer is shutting down.
@@ -154,12 +156,16 @@ where
                 }
                 Err(error) => return refuse(outcome::BAD_IDENTITY, error.to_string()),
             };
+            // The request spent an unknown time d in transit (0 <= d <= max_transit): the joiner's clock minus
+            // ours is `request.time - now + d`. Refuse only what is out of bounds for every possible d; the
+            // joiner measures the skew precisely from the round trip and refuses the rest itself.
             let skew = request.time - now;
-            if !skew.is_finite() || skew.abs() > admission.max_skew {
+            if !skew.is_finite() || skew > admission.max_skew || skew < -(admission.max_skew + admission.max_transit) {
                 return refuse(
                     outcome::CLOCK_SKEW,
                     format!(
-                        "your clock differs from this peer's by {skew:+.3} s, more than the bound of {} s",
+                        "your clock differs from this peer's by at least {:.3} s, more than the bound of {} s",
+                        (skew.abs() - if skew < 0.0 { admission.max_transit } else { 0.0 }).max(0.0),
                         admission.max_skew
                     ),
                 );

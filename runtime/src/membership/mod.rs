@@ -530,6 +530,7 @@ impl Membership {
             join::Admission {
                 run_id: config.run_id.clone(),
                 max_skew: config.max_clock_skew.as_secs_f64(),
+                max_transit: config.join_attempt_timeout.as_secs_f64(),
                 clock: config.clock.clone(),
                 admit: move |joiner: MemberId| {
                     let actor = admit_cell.get().cloned();
@@ -575,7 +576,7 @@ impl Membership {
             local.clone(),
             config.swim.to_foca(scheme),
             rand::make_rng(),
-            identity::MemberCodec,
+            identity::CachingCodec::default(),
             broadcast::RecordBroadcasts::new(replica),
         );
         let actor_shared = shared.clone();
@@ -680,7 +681,9 @@ impl Membership {
         let bound = config.max_clock_skew;
         let joined = match joined {
             Ok(joined) => joined,
-            Err(join::AttemptError::Refused { outcome, skew, .. }) if outcome == join::outcome::CLOCK_SKEW => {
+            Err(join::AttemptError::Refused { outcome, skew, .. })
+                if outcome == join::outcome::CLOCK_SKEW && skew.abs() > bound.as_secs_f64() =>
+            {
                 return Err(Attempt::Fatal(MembershipError::ClockSkew {
                     address: address.clone(),
                     skew_secs: skew,

@@ -176,7 +176,9 @@ impl Pool {
             },
             &self.runtime,
         );
-        self.evict(&mut inner);
+        if inner.conns.len() > self.limits.max_connections {
+            self.evict(&mut inner);
+        }
         conn
     }
 
