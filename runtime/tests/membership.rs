@@ -243,8 +243,10 @@ async fn sixty_four_peers_join_detect_failures_and_heal_a_partition() {
     let (left, right) = ids.split_at(28);
     swarm.emulator.partition(left, right);
     // A partition breaks no connection, so only probes find it: every member of the other half must be
-    // picked by some probe first.
-    let split = wait_until("each half drops the other", Duration::from_secs(30), || {
+    // picked by some probe first. The slowest case is a member whose view holds a newer incarnation of a
+    // member of the other half than the others declared dead: only its own probe, once per cycle through
+    // its member list (about 28 probe periods), drops it.
+    let split = wait_until("each half drops the other", Duration::from_secs(60), || {
         swarm.peers.iter().all(|(_, p)| p.members().len() == 27)
     })
     .await;
@@ -588,7 +590,7 @@ async fn garbage_and_spoofed_membership_packets_are_dropped_and_counted() {
     }
     conn.send_datagram(spoofed).unwrap();
     wait_until("bad packets are counted", Duration::from_secs(10), || {
-        dropped() >= dropped_before + garbage.len() as u64 + 1
+        dropped() > dropped_before + garbage.len() as u64
             && counters.datagrams_spoofed.get() > spoofed_before
             && counters.datagrams_malformed.get() > malformed_before
     })
