@@ -90,6 +90,7 @@ impl Node {
         }
     }
 
+    /// Sends `signal` (`-TERM`, `-INT`) with the system's `kill` command.
     fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
@@ -148,7 +149,8 @@ fn three_nodes_find_each_other_drop_a_killed_one_and_take_it_back(transport: &st
         }
     }
 
-    c.signal("-KILL");
+    let mut c = c;
+    c.child.kill().unwrap(); // SIGKILL
     let killed = Instant::now();
     a.expect_line(&format!("left {}", ids[2]), DETECTION);
     let dropped_a = killed.elapsed();
