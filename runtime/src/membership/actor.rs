@@ -7,6 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -39,6 +40,8 @@ struct Timers {
 
 pub(crate) struct MembershipActor {
     swim: Swim,
+    /// Raised by the record broadcast handler when a received record was new.
+    fresh_records: Arc<AtomicBool>,
     runtime: AccumulatingRuntime<MemberId>,
     timers: Timers,
     shared: Arc<Shared>,
@@ -49,9 +52,10 @@ pub(crate) struct MembershipActor {
 }
 
 impl MembershipActor {
-    pub(crate) fn new(swim: Swim, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(swim: Swim, fresh_records: Arc<AtomicBool>, shared: Arc<Shared>) -> Self {
         Self {
             swim,
+            fresh_records,
             runtime: AccumulatingRuntime::new(),
             timers: Timers::default(),
             shared,
@@ -203,6 +207,17 @@ impl MembershipActor {
         }
     }
 
+    /// Sends the records backlog to random members now. Two rounds of foca's fan-out (three members each):
+    /// a push epidemic in which every peer passes news to f others misses about e^-f of the swarm, 5 % at
+    /// f = 3 and 0.25 % at f = 6; the few it misses get the news from the next gossip round.
+    fn push_records(&mut self) {
+        for _ in 0..2 {
+            if let Err(error) = self.swim.broadcast(&mut self.runtime) {
+                tracing::debug!(%error, "passing on records");
+            }
+        }
+    }
+
     /// Starts an anti-entropy exchange with a random member, unless one is running.
     fn anti_entropy(&mut self, ctx: &mut Context<Self>) {
         self.shared.pool.sweep();
@@ -285,6 +300,11 @@ impl Handler<Datagram> for MembershipActor {
         if let Err(error) = self.swim.handle_data(&msg.data, &mut self.runtime) {
             counters.datagrams_malformed.inc();
             tracing::debug!(from = %msg.from.short(), %error, "membership packet refused");
+        }
+        // A record seen for the first time is passed on at once (push gossip): each hop then costs one
+        // network latency instead of a gossip interval.
+        if self.fresh_records.swap(false, Ordering::Relaxed) {
+            self.push_records();
         }
         self.drain(ctx);
     }
@@ -424,9 +444,7 @@ impl Handler<AddBroadcast> for MembershipActor {
             tracing::debug!(%error, "record not piggybacked; anti-entropy will carry it");
         }
         // Send it now rather than at the next gossip tick.
-        if let Err(error) = self.swim.broadcast(&mut self.runtime) {
-            tracing::debug!(%error, "membership broadcast");
-        }
+        self.push_records();
         self.drain(ctx);
     }
 }

@@ -6,6 +6,7 @@
 //! first peer that sees them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use colony_transports::wire::WireMessage;
@@ -65,12 +66,14 @@ fn decode(data: &[u8]) -> Option<Record> {
 /// Applies received record broadcasts to the replica.
 pub struct RecordBroadcasts {
     replica: Arc<Replica>,
+    fresh: Arc<AtomicBool>,
 }
 
 impl RecordBroadcasts {
-    /// A handler storing into `replica`.
-    pub fn new(replica: Arc<Replica>) -> Self {
-        Self { replica }
+    /// A handler storing into `replica`; `fresh` is raised whenever a received record won its slot, so that
+    /// the owner can pass it on at once instead of at the next gossip round.
+    pub fn new(replica: Arc<Replica>, fresh: Arc<AtomicBool>) -> Self {
+        Self { replica, fresh }
     }
 }
 
@@ -90,7 +93,10 @@ impl BroadcastHandler<MemberId> for RecordBroadcasts {
             return Ok(Some(version));
         };
         match self.replica.apply(record, sender.peer) {
-            Ok(Stored::Visible | Stored::Hidden) => Ok(Some(version)),
+            Ok(Stored::Visible | Stored::Hidden) => {
+                self.fresh.store(true, Ordering::Relaxed);
+                Ok(Some(version))
+            }
             Ok(Stored::Outdated) | Err(_) => Ok(None),
         }
     }

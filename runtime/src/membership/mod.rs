@@ -572,15 +572,18 @@ impl Membership {
             tasks: Mutex::new(JoinSet::new()),
         });
 
+        let fresh_records = Arc::new(AtomicBool::new(false));
         let swim = foca::Foca::with_custom_broadcast(
             local.clone(),
             config.swim.to_foca(scheme),
             rand::make_rng(),
             identity::CachingCodec::default(),
-            broadcast::RecordBroadcasts::new(replica),
+            broadcast::RecordBroadcasts::new(replica, fresh_records.clone()),
         );
         let actor_shared = shared.clone();
-        let actor = MembershipActor::start_in_arbiter(&arbiter(), move |_| MembershipActor::new(swim, actor_shared));
+        let actor = MembershipActor::start_in_arbiter(&arbiter(), move |_| {
+            MembershipActor::new(swim, fresh_records, actor_shared)
+        });
         let _ = actor_cell.set(actor.clone());
 
         if let Some(mut listener) = listener {
