@@ -25,6 +25,9 @@ use crate::records::sync;
 
 type Swim = Foca<MemberId, CachingCodec, StdRng, RecordBroadcasts>;
 
+/// Up to this many members, each peer runs an anti-entropy exchange every sync interval.
+const SYNC_SWARM_SIZE: usize = 100;
+
 /// Datagrams queued for a peer while it is being dialed.
 const MAX_PENDING_PER_PEER: usize = 16;
 
@@ -48,6 +51,7 @@ pub(crate) struct MembershipActor {
     rng: StdRng,
     dialing: HashMap<PeerId, Vec<Bytes>>,
     sync_in_flight: bool,
+    sync_ticks: u64,
     left: bool,
 }
 
@@ -62,6 +66,7 @@ impl MembershipActor {
             rng: rand::make_rng(),
             dialing: HashMap::new(),
             sync_in_flight: false,
+            sync_ticks: 0,
             left: false,
         }
     }
@@ -221,7 +226,12 @@ impl MembershipActor {
     /// Starts an anti-entropy exchange with a random member, unless one is running.
     fn anti_entropy(&mut self, ctx: &mut Context<Self>) {
         self.shared.pool.sweep();
-        if self.sync_in_flight || self.left {
+        // Gossip carries records fast; these exchanges are the safety net. In swarms above
+        // SYNC_SWARM_SIZE members each peer runs them proportionally less often, so the swarm as a whole
+        // runs about SYNC_SWARM_SIZE per interval whatever its size.
+        self.sync_ticks += 1;
+        let every = (self.swim.num_members() / SYNC_SWARM_SIZE).max(1) as u64;
+        if self.sync_in_flight || self.left || !self.sync_ticks.is_multiple_of(every) {
             return;
         }
         let pool = &self.shared.pool;

@@ -175,7 +175,9 @@ pub struct MembershipConfig {
     pub max_clock_skew: Duration,
     /// SWIM's timing.
     pub swim: SwimConfig,
-    /// How often an anti-entropy exchange runs with a random member.
+    /// How often an anti-entropy exchange runs with a random member, in swarms of up to 100 members;
+    /// larger swarms stretch it in proportion (every 10 intervals with 1,000 members), so the swarm runs
+    /// about 100 exchanges per interval whatever its size.
     pub sync_interval: Duration,
     /// Connection limits.
     pub pool: PoolLimits,
