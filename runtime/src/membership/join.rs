@@ -194,12 +194,20 @@ pub struct Joined {
     pub members: Vec<Member<MemberId>>,
     /// Its clock minus ours, estimated at the middle of the round trip, in seconds.
     pub skew: f64,
+    /// The round trip, in seconds: the estimate is off by at most half of it.
+    pub round_trip: f64,
 }
 
 /// Why one join attempt failed.
 pub enum AttemptError {
-    /// The peer refused, with one of [`outcome`] and its reason; `skew` is this side's estimate.
-    Refused { outcome: u8, message: String, skew: f64 },
+    /// The peer refused, with one of [`outcome`] and its reason; `skew` is this side's estimate, off by at
+    /// most half the `round_trip`.
+    Refused {
+        outcome: u8,
+        message: String,
+        skew: f64,
+        round_trip: f64,
+    },
     /// Anything else (no answer, a broken stream, a malformed response).
     Failed(String),
 }
@@ -225,11 +233,13 @@ pub async fn request(
             .map_err(|e: WireError| AttemptError::Failed(e.to_string()))?;
     let received = clock();
     let skew = response.time - (sent + received) / 2.0;
+    let round_trip = (received - sent).max(0.0);
     if response.outcome != outcome::ADMITTED {
         return Err(AttemptError::Refused {
             outcome: response.outcome,
             message: response.message,
             skew,
+            round_trip,
         });
     }
     let malformed = |e: CodecError| AttemptError::Failed(e.to_string());
@@ -246,5 +256,6 @@ pub async fn request(
         bootstrap,
         members,
         skew,
+        round_trip,
     })
 }

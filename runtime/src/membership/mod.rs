@@ -686,9 +686,12 @@ impl Membership {
         let bound = config.max_clock_skew;
         let joined = match joined {
             Ok(joined) => joined,
-            Err(join::AttemptError::Refused { outcome, skew, .. })
-                if outcome == join::outcome::CLOCK_SKEW && skew.abs() > bound.as_secs_f64() =>
-            {
+            Err(join::AttemptError::Refused {
+                outcome,
+                skew,
+                round_trip,
+                ..
+            }) if outcome == join::outcome::CLOCK_SKEW && beyond(skew, round_trip, bound) => {
                 return Err(Attempt::Fatal(MembershipError::ClockSkew {
                     address: address.clone(),
                     skew_secs: skew,
@@ -705,7 +708,7 @@ impl Membership {
                 return Err(Attempt::Retry(message));
             }
         };
-        if joined.skew.abs() > bound.as_secs_f64() {
+        if beyond(joined.skew, joined.round_trip, bound) {
             return Err(Attempt::Fatal(MembershipError::ClockSkew {
                 address: address.clone(),
                 skew_secs: joined.skew,
@@ -829,6 +832,13 @@ impl Membership {
     pub fn shutdown(&self) {
         self.inner.stop();
     }
+}
+
+/// Whether a skew estimated from a round trip is certainly beyond `bound`: the estimate (taken at the middle
+/// of the round trip) is off by at most half the round trip, and a slow, loaded network must not make
+/// well-synchronised peers refuse each other.
+fn beyond(skew: f64, round_trip: f64, bound: Duration) -> bool {
+    !skew.is_finite() || skew.abs() - round_trip / 2.0 > bound.as_secs_f64()
 }
 
 /// How long a request to the membership actor may wait (it answers in microseconds unless it is gone).
