@@ -62,7 +62,9 @@ pub struct SwimConfig {
     /// How often a member contacts two members it believes dead, so that the two sides of a healed
     /// partition (or a revived peer) find each other again.
     pub down_announce_interval: Duration,
-    /// How often a member asks a random member for its member list (catches anything gossip missed).
+    /// How often a member asks a random member for members it may not know (one packet of them). Gossip
+    /// spreads each join a bounded number of times, so peers that joined at about the same time can miss
+    /// each other; these requests fill such gaps within seconds.
     pub announce_interval: Duration,
 }
 
@@ -78,7 +80,7 @@ impl Default for SwimConfig {
             max_transmissions: 10,
             max_packet_size: None,
             down_announce_interval: Duration::from_secs(5),
-            announce_interval: Duration::from_secs(10),
+            announce_interval: Duration::from_secs(1),
         }
     }
 }

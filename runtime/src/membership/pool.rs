@@ -177,9 +177,33 @@ impl Pool {
             &self.runtime,
         );
         if inner.conns.len() > self.limits.max_connections {
-            self.evict(&mut inner);
+            self.evict_over_limit(&mut inner, Some(peer));
         }
         conn
+    }
+
+    /// Closes the least recently used unpinned connections down to 90 % of the limit, so that a peer
+    /// talking to more members than the limit sorts its connections once per tenth of the limit rather than
+    /// scanning them all on every new one.
+    fn evict_over_limit(&self, inner: &mut Inner, keep: Option<PeerId>) {
+        let limit = self.limits.max_connections;
+        let target = limit - (limit / 10).max(1).min(limit - 1);
+        let excess = inner.conns.len().saturating_sub(target);
+        if excess == 0 {
+            return;
+        }
+        let mut unpinned: Vec<(Instant, PeerId)> = inner
+            .conns
+            .iter()
+            .filter(|(peer, entry)| !entry.pinned && Some(**peer) != keep)
+            .map(|(peer, entry)| (entry.last_used, *peer))
+            .collect();
+        unpinned.sort_unstable_by_key(|(last_used, _)| *last_used);
+        for (_, peer) in unpinned.into_iter().take(excess) {
+            if let Some(entry) = inner.conns.remove(&peer) {
+                entry.conn.close("connection limit");
+            }
+        }
     }
 
     /// Keeps the connection to `peer` open regardless of the limits (for client-mode peers).
@@ -206,17 +230,8 @@ impl Pool {
             }
             keep
         });
-        while inner.conns.len() > self.limits.max_connections {
-            let oldest = inner
-                .conns
-                .iter()
-                .filter(|(_, entry)| !entry.pinned)
-                .min_by_key(|(_, entry)| entry.last_used)
-                .map(|(peer, _)| *peer);
-            let Some(oldest) = oldest else { break };
-            if let Some(entry) = inner.conns.remove(&oldest) {
-                entry.conn.close("connection limit");
-            }
+        if inner.conns.len() > self.limits.max_connections {
+            self.evict_over_limit(inner, None);
         }
     }
 
