@@ -176,6 +176,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The record that wrote this entry.
+    fn to_record(&self, key: &str, subkey: Option<&Subkey>) -> Record {
+        Record {
+            key: key.to_owned(),
+            subkey: subkey.cloned(),
+            value: self.value.clone(),
+            expiration: self.expiration,
+            signature: self.signature,
+        }
+    }
+
     /// Whether `self` wins over `other` in the same slot: a later expiration, or at the same expiration the
     /// greater bytes (so that replicas agree whichever arrived first).
     fn beats(&self, other: &Entry) -> bool {
@@ -733,20 +744,11 @@ impl RecordStore {
     /// Every entry held, as (key, subkey, expiration), sorted: what an anti-entropy exchange compares.
     pub fn digest(&self) -> Vec<DigestEntry> {
         let mut out: Vec<DigestEntry> = self
-            .keys
-            .iter()
-            .flat_map(|(key, slots)| {
-                let plain = slots.plain.iter().map(|entry| DigestEntry {
-                    key: key.clone(),
-                    subkey: None,
-                    expiration: entry.expiration,
-                });
-                let subkeys = slots.subkeys.iter().map(|(subkey, entry)| DigestEntry {
-                    key: key.clone(),
-                    subkey: Some(subkey.clone()),
-                    expiration: entry.expiration,
-                });
-                plain.chain(subkeys).collect::<Vec<_>>()
+            .entries()
+            .map(|(key, subkey, entry)| DigestEntry {
+                key: key.clone(),
+                subkey: subkey.cloned(),
+                expiration: entry.expiration,
             })
             .collect();
         out.sort_by(|a, b| {
@@ -771,49 +773,29 @@ impl RecordStore {
         let lacking = |key: &str, subkey: Option<&Subkey>, entry: &Entry| {
             entry.expiration > now && held_remotely(key, subkey).is_none_or(|theirs| entry.expiration > theirs)
         };
-        let mut out = Vec::new();
-        for (key, slots) in &self.keys {
-            let as_record = |subkey: Option<Subkey>, entry: &Entry| Record {
-                key: key.clone(),
-                subkey,
-                value: entry.value.clone(),
-                expiration: entry.expiration,
-                signature: entry.signature,
-            };
-            if let Some(entry) = &slots.plain
-                && lacking(key, None, entry)
-            {
-                out.push(as_record(None, entry));
-            }
-            for (subkey, entry) in &slots.subkeys {
-                if lacking(key, Some(subkey), entry) {
-                    out.push(as_record(Some(subkey.clone()), entry));
-                }
-            }
-        }
-        out
+        self.entries()
+            .filter(|(key, subkey, entry)| lacking(key, *subkey, entry))
+            .map(|(key, subkey, entry)| entry.to_record(key, subkey))
+            .collect()
     }
 
     /// The records held, to send to a peer (every entry as the record that wrote it).
     pub fn records(&self) -> Vec<Record> {
-        let mut out = Vec::with_capacity(self.entries);
-        for (key, slots) in &self.keys {
-            let as_record = |subkey: Option<Subkey>, entry: &Entry| Record {
-                key: key.clone(),
-                subkey,
-                value: entry.value.clone(),
-                expiration: entry.expiration,
-                signature: entry.signature,
-            };
-            out.extend(slots.plain.iter().map(|entry| as_record(None, entry)));
-            out.extend(
-                slots
-                    .subkeys
-                    .iter()
-                    .map(|(subkey, entry)| as_record(Some(subkey.clone()), entry)),
-            );
-        }
-        out
+        self.entries()
+            .map(|(key, subkey, entry)| entry.to_record(key, subkey))
+            .collect()
+    }
+
+    /// Every entry held, as (key, subkey, entry).
+    fn entries(&self) -> impl Iterator<Item = (&String, Option<&Subkey>, &Entry)> {
+        self.keys.iter().flat_map(|(key, slots)| {
+            let plain = slots.plain.iter().map(move |entry| (key, None, entry));
+            let subkeys = slots
+                .subkeys
+                .iter()
+                .map(move |(subkey, entry)| (key, Some(subkey), entry));
+            plain.chain(subkeys)
+        })
     }
 
     /// How many entries (plain values, subkeys and deletions) the store holds.
