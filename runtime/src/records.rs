@@ -235,10 +235,6 @@ enum Glance {
 }
 
 impl Slots {
-    fn latest_subkey(&self) -> Option<Time> {
-        self.latest_subkey
-    }
-
     fn glance(&self, subkey: Option<&Subkey>) -> Glance {
         if let Some(plain) = &self.plain
             && self.latest_subkey.is_none_or(|latest| plain.expiration > latest)
@@ -292,7 +288,7 @@ impl Slots {
 
     fn view(&self) -> Option<View> {
         if let Some(plain) = &self.plain
-            && self.latest_subkey().is_none_or(|latest| plain.expiration > latest)
+            && self.latest_subkey.is_none_or(|latest| plain.expiration > latest)
         {
             return plain.value.clone().map(|value| View::Value {
                 value,
@@ -309,7 +305,7 @@ impl Slots {
                     .map(|value| (subkey.clone(), (value, entry.expiration)))
             })
             .collect();
-        let expiration = self.latest_subkey()?;
+        let expiration = self.latest_subkey?;
         (!entries.is_empty()).then_some(View::Dictionary { entries, expiration })
     }
 

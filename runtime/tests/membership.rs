@@ -147,9 +147,22 @@ impl Swarm {
         membership
     }
 
-    fn bootstrap_address(&self) -> Address {
-        self.peers[0].1.address().unwrap()
+    /// Starts a peer at `mem://<names[0]>` and the others joining through it; returns its address.
+    async fn start_joined(&mut self, names: &[String]) -> Address {
+        let first = self.config(&names[0], None);
+        self.start(first).await;
+        let bootstrap = self.peers[0].1.address().unwrap();
+        for name in &names[1..] {
+            let config = self.config(name, Some(bootstrap.clone()));
+            self.start(config).await;
+        }
+        bootstrap
     }
+}
+
+/// `prefix-0` … `prefix-<n-1>`.
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 fn publish_progress(membership: &Membership, value: u64) {
@@ -190,13 +203,7 @@ async fn sixty_four_peers_join_detect_failures_and_heal_a_partition() {
     let n = 64;
     let mut swarm = Swarm::new();
     let started = Instant::now();
-    let first = swarm.config("peer-0", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
-    for i in 1..n {
-        let config = swarm.config(&format!("peer-{i}"), Some(bootstrap.clone()));
-        swarm.start(config).await;
-    }
+    swarm.start_joined(&names("peer", n)).await;
     for (i, (_, peer)) in swarm.peers.iter().enumerate() {
         publish_progress(peer, i as u64);
     }
@@ -281,13 +288,7 @@ async fn sixty_four_peers_join_detect_failures_and_heal_a_partition() {
 async fn a_graceful_leave_is_seen_at_once_and_a_revived_peer_rejoins_under_a_new_generation() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();
-    let first = swarm.config("a", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
-    for name in ["b", "c", "d"] {
-        let config = swarm.config(name, Some(bootstrap.clone()));
-        swarm.start(config).await;
-    }
+    swarm.start_joined(&names("l", 4)).await;
     wait_until("4 peers see each other", Duration::from_secs(10), || {
         swarm.peers.iter().all(|(_, p)| p.members().len() == 3)
     })
@@ -340,11 +341,7 @@ async fn a_graceful_leave_is_seen_at_once_and_a_revived_peer_rejoins_under_a_new
 async fn client_mode_peers_are_members_reached_over_their_own_connections() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();
-    let first = swarm.config("server-0", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
-    let second = swarm.config("server-1", Some(bootstrap.clone()));
-    swarm.start(second).await;
+    let bootstrap = swarm.start_joined(&names("server", 2)).await;
     let mut config = swarm.config("unused", Some(bootstrap));
     config.listen = None;
     let client = swarm.start(config).await;
@@ -385,9 +382,7 @@ async fn client_mode_peers_are_members_reached_over_their_own_connections() {
 async fn joining_fails_clearly_on_clock_skew_another_run_or_no_answer() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();
-    let first = swarm.config("boot", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
+    let bootstrap = swarm.start_joined(&names("boot", 1)).await;
 
     // A clock 10 s ahead is refused, and the error names the skew.
     let mut skewed = swarm.config("skewed", Some(bootstrap.clone()));
@@ -469,13 +464,7 @@ async fn push_records(transport: &Arc<dyn Transport>, address: &Address, records
 async fn forged_records_are_refused_by_every_peer_and_counted() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();
-    let first = swarm.config("f-0", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
-    for i in 1..8 {
-        let config = swarm.config(&format!("f-{i}"), Some(bootstrap.clone()));
-        swarm.start(config).await;
-    }
+    swarm.start_joined(&names("f", 8)).await;
     let victim = swarm.peers[1].1.local_peer();
     let mallory = Keypair::generate();
     let now = swarm.peers[0].1.replica().now();
@@ -527,11 +516,8 @@ async fn forged_records_are_refused_by_every_peer_and_counted() {
 async fn garbage_and_spoofed_membership_packets_are_dropped_and_counted() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();
-    let first = swarm.config("g-0", None);
-    swarm.start(first).await;
-    let bootstrap = swarm.bootstrap_address();
-    let second = swarm.config("g-1", Some(bootstrap.clone()));
-    let honest = swarm.start(second).await;
+    let bootstrap = swarm.start_joined(&names("g", 2)).await;
+    let honest = swarm.peers[1].1.clone();
     wait_until("two peers see each other", Duration::from_secs(10), || {
         swarm.peers.iter().all(|(_, p)| p.members().len() == 1)
     })

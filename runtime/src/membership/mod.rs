@@ -417,6 +417,8 @@ pub(crate) struct Shared {
     pub(crate) members: RwLock<HashMap<PeerId, MemberInfo>>,
     pub(crate) events: channel::Sender<MembershipEvent>,
     pub(crate) counters: MembershipCounters,
+    /// The SWIM packet size in force on this peer's transport.
+    packet_size: usize,
     runtime: tokio::runtime::Handle,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -572,6 +574,7 @@ impl Membership {
             members: RwLock::new(HashMap::new()),
             events: channel::channel(1024).0,
             counters: MembershipCounters::default(),
+            packet_size: config.swim.packet_size(scheme),
             runtime,
             tasks: Mutex::new(JoinSet::new()),
         });
@@ -781,7 +784,7 @@ impl Membership {
         let stored = shared.replica.apply(record, self.local_peer())?;
         if stored != Stored::Outdated
             && let Some(encoded) = encoded
-            && encoded.len() + 64 < shared.config.swim.packet_size(shared.pool.transport().scheme())
+            && encoded.len() + 64 < shared.packet_size
         {
             // A full mailbox leaves it to the anti-entropy exchanges.
             let _ = self.inner.actor.try_send(actor::AddBroadcast(encoded));

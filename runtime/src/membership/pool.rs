@@ -87,11 +87,6 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The transport connections are made with.
-    pub fn transport(&self) -> &Arc<dyn Transport> {
-        &self.transport
-    }
-
     /// The open connection to `peer`, if any.
     pub fn get(&self, peer: &PeerId) -> Option<Connection> {
         let mut inner = self.lock();

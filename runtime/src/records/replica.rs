@@ -194,16 +194,6 @@ impl Replica {
         (self.clock)()
     }
 
-    /// The clock.
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    /// The run id.
-    pub fn run_id(&self) -> String {
-        self.lock().run_id().to_owned()
-    }
-
     /// What was stored and refused so far.
     pub fn counters(&self) -> &RecordCounters {
         &self.counters
@@ -314,26 +304,10 @@ impl Replica {
         store.digest_and_fingerprint()
     }
 
-    /// The fingerprint after dropping expired entries.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        let now = self.now();
-        let mut store = self.lock();
-        store.remove_expired(now);
-        store.fingerprint()
-    }
-
     /// The records a peer with digest `remote` lacks.
     pub fn missing_from(&self, remote: &[DigestEntry]) -> Vec<Record> {
         let now = self.now();
         self.lock().missing_from(remote, now)
-    }
-
-    /// Every live record held.
-    pub fn records(&self) -> Vec<Record> {
-        let now = self.now();
-        let mut store = self.lock();
-        store.remove_expired(now);
-        store.records()
     }
 
     /// How many entries are held.
