@@ -6,5 +6,6 @@
 //! Built so far: [`records`], the pure core of the replicated record store (storage rules, signatures,
 //! typed values, limits). The membership actor that disseminates records comes next.
 
+pub mod actors;
 pub mod membership;
 pub mod records;

@@ -11,6 +11,9 @@
 //!   A newcomer catches up in its first exchange, with its bootstrap peer, right after joining.
 //! - **Reads are local**: [`Membership::get`], [`Membership::members`] and [`Membership::subscribe`] never
 //!   touch the network.
+//! - **Other protocols share the connections**: [`Membership::start_with`] serves them on the same router,
+//!   and [`Membership::connector`] gives a connection to a member by peer id (client-mode members over the
+//!   connection they opened), so matchmaking and all-reduce need no connections of their own.
 
 pub mod actor;
 pub mod broadcast;
@@ -438,7 +441,7 @@ impl Shared {
 
 /// The actor threads of this process: actix runs actors on arbiter threads of its own, beside whatever
 /// tokio runtime the embedding program uses. Started on first use; membership actors are spread over them.
-fn arbiter() -> ArbiterHandle {
+pub(crate) fn arbiter() -> ArbiterHandle {
     static ARBITERS: OnceLock<Vec<ArbiterHandle>> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let arbiters = ARBITERS.get_or_init(|| {
@@ -508,6 +511,39 @@ impl Membership {
         transport: Arc<dyn Transport>,
         schemas: Schemas,
     ) -> Result<Self, MembershipError> {
+        Self::start_with(config, keypair, transport, schemas, |_| {}).await
+    }
+
+    /// [`Membership::start`], also serving the stream protocols that `protocols` registers on the router.
+    ///
+    /// Every connection of the peer (dialed or accepted, gossip's included) is served by one router, so the
+    /// other protocols of a peer (matchmaking, all-reduce, state transfer) must be on it before the first
+    /// connection opens: they are registered here, at start. Handlers that need a component created later
+    /// (an actor that needs this `Membership`) reach it through a slot they fill once it exists.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use colony::membership::{Membership, MembershipConfig};
+    /// # use colony::records::Schemas;
+    /// # use colony_transports::{Keypair, mem::MemHub, wire::ProtocolId};
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let keypair = Arc::new(Keypair::generate());
+    /// let transport = MemHub::new().transport(&keypair);
+    /// let config = MembershipConfig::new("run", Some("mem://a".parse()?));
+    /// let echo = ProtocolId::new("echo", 1)?;
+    /// let membership = Membership::start_with(config, keypair, transport, Schemas::default(), |router| {
+    ///     router.rpc(echo, |_peer, text: String, payload| async move { Ok((text, payload)) });
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with(
+        config: MembershipConfig,
+        keypair: Arc<Keypair>,
+        transport: Arc<dyn Transport>,
+        schemas: Schemas,
+        protocols: impl FnOnce(&mut Router),
+    ) -> Result<Self, MembershipError> {
         config.validate()?;
         let local_peer = keypair.peer_id();
         let listener = match &config.listen {
@@ -529,6 +565,8 @@ impl Membership {
         let actor_cell: Arc<OnceLock<Addr<MembershipActor>>> = Arc::new(OnceLock::new());
 
         let mut router = Router::with_config(config.stream);
+        protocols(&mut router);
+        // Membership's own protocols are registered last, so that they cannot be replaced by mistake.
         sync::serve(&mut router, replica.clone());
         let admit_cell = actor_cell.clone();
         join::serve(
@@ -812,6 +850,17 @@ impl Membership {
         &self.inner.shared.counters
     }
 
+    /// Connections to members by peer id, for protocols other than membership's (all-reduce, state
+    /// transfer, matchmaking): the pool's open connection when there is one (the only way to reach a
+    /// client-mode member, over the connection it opened), else a dial of the member's listed address.
+    /// A peer that is neither connected nor a member cannot be reached.
+    pub fn connector(&self) -> Arc<dyn colony_averaging::net::Connector> {
+        Arc::new(MemberConnector {
+            shared: self.inner.shared.clone(),
+            local: self.local_peer(),
+        })
+    }
+
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.inner.shared.pool.len()
@@ -836,6 +885,56 @@ impl Membership {
     /// Stops at once without telling the others (they notice within the failure detection time).
     pub fn shutdown(&self) {
         self.inner.stop();
+    }
+}
+
+/// [`Membership::connector`]: the pool, addressed through the member list.
+struct MemberConnector {
+    shared: Arc<Shared>,
+    local: PeerId,
+}
+
+type ConnectFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Connection, colony_averaging::net::ConnectError>> + Send + 'a>>;
+
+// The trait is declared with `async_trait`; this is the signature that macro expands to, written out so that
+// the runtime needs no extra dependency.
+impl colony_averaging::net::Connector for MemberConnector {
+    fn connect<'a, 'b, 'f>(&'a self, peer: &'b PeerId) -> ConnectFuture<'f>
+    where
+        'a: 'f,
+        'b: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.connect_to(*peer))
+    }
+}
+
+impl MemberConnector {
+    async fn connect_to(&self, peer: PeerId) -> Result<Connection, colony_averaging::net::ConnectError> {
+        let peer = &peer;
+        let error = |reason: String| colony_averaging::net::ConnectError { peer: *peer, reason };
+        if *peer == self.local {
+            return Err(error("that is this peer".into()));
+        }
+        let (known, address) = {
+            let members = self.shared.members.read().unwrap_or_else(|p| p.into_inner());
+            let member = members.get(peer);
+            (member.is_some(), member.and_then(|member| member.address.clone()))
+        };
+        if address.is_none() && self.shared.pool.get(peer).is_none() {
+            return Err(error(if known {
+                "a client-mode member with no open connection to this peer".into()
+            } else {
+                "not a member of the run".into()
+            }));
+        }
+        let conn = self.shared.pool.connect(*peer, address.as_ref()).await.map_err(error)?;
+        match conn.close_reason() {
+            // The pool closes what it is given once it has shut down.
+            Some(reason) => Err(error(format!("connection closed: {reason}"))),
+            None => Ok(conn),
+        }
     }
 }
 
