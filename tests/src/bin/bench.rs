@@ -11,6 +11,8 @@ enum Suite {
     Transport,
     /// Membership on the in-process transport: a swarm's convergence, memory per peer, publish-to-visible.
     Membership,
+    /// Matchmaking: four peers that start looking together until all hold their group, on mem and tcp.
+    Matchmaking,
 }
 
 #[derive(Debug, Parser)]
@@ -25,7 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     size_mib: usize,
     /// Repetitions per case (transport: transfers, the best is reported, default 3; membership: publishes
-    /// timed on 64 peers, the median is reported, default 20).
+    /// timed on 64 peers, the median is reported, default 20; matchmaking: rounds, the median and p90 are
+    /// reported, default 20).
     #[arg(long)]
     repeat: Option<usize>,
     /// Peers in the membership suite's swarm.
@@ -47,6 +50,10 @@ fn main() -> anyhow::Result<()> {
         ))?,
         Suite::Membership => runtime.block_on(bench::membership::run(
             args.peers,
+            args.repeat.unwrap_or(20).max(1),
+            args.case.as_deref(),
+        ))?,
+        Suite::Matchmaking => runtime.block_on(bench::matchmaking::run(
             args.repeat.unwrap_or(20).max(1),
             args.case.as_deref(),
         ))?,
