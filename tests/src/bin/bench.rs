@@ -13,6 +13,8 @@ enum Suite {
     Membership,
     /// Matchmaking: four peers that start looking together until all hold their group, on mem and tcp.
     Matchmaking,
+    /// Compression codecs: encode and decode GB/s on randn against a parallel memory copy.
+    Codecs,
 }
 
 #[derive(Debug, Parser)]
@@ -28,13 +30,17 @@ struct Args {
     size_mib: usize,
     /// Repetitions per case (transport: transfers, the best is reported, default 3; membership: publishes
     /// timed on 64 peers, the median is reported, default 20; matchmaking: rounds, the median and p90 are
-    /// reported, default 20).
+    /// reported, default 20; codecs: rounds, the best is reported, default 3).
     #[arg(long)]
     repeat: Option<usize>,
+    /// Values per codec run in the codecs suite (16 Mi: 64 MiB of f32).
+    #[arg(long, default_value_t = 16 << 20)]
+    values: usize,
     /// Peers in the membership suite's swarm.
     #[arg(long, default_value_t = 1000)]
     peers: usize,
-    /// Run only the case of this name (the bound is always measured; membership: converge, rss/peer, visible).
+    /// Run only the case of this name (the bound is always measured; membership: converge, rss/peer, visible;
+    /// codecs: a codec name such as float16).
     #[arg(long)]
     case: Option<String>,
 }
@@ -57,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             args.repeat.unwrap_or(20).max(1),
             args.case.as_deref(),
         ))?,
+        Suite::Codecs => bench::codecs::run(args.values, args.repeat.unwrap_or(3).max(1), args.case.as_deref())?,
     };
     if !args.json {
         println!("machine: {}", bench::machine());
