@@ -48,7 +48,11 @@ struct EndpointInner {
 
 impl Endpoint {
     /// Listens on `address` with `transport` and serves `router` on every connection.
-    pub async fn listen(transport: Arc<dyn Transport>, address: &Address, router: Router) -> Result<Self, TransportError> {
+    pub async fn listen(
+        transport: Arc<dyn Transport>,
+        address: &Address,
+        router: Router,
+    ) -> Result<Self, TransportError> {
         let listener = transport.listen(address).await?;
         let local_address = listener.local_address().with_peer(transport.local_peer());
         let inner = Arc::new(EndpointInner {

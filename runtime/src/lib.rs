@@ -7,5 +7,6 @@
 //! typed values, limits). The membership actor that disseminates records comes next.
 
 pub mod actors;
+pub mod averager;
 pub mod membership;
 pub mod records;

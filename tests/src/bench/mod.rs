@@ -5,6 +5,7 @@
 //! compare with can run on one machine (a 1,000-peer swarm), the bound is the goal the issue set, named
 //! `issue goal`.
 
+pub mod allreduce;
 pub mod codecs;
 pub mod matchmaking;
 pub mod membership;

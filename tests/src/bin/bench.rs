@@ -15,6 +15,11 @@ enum Suite {
     Matchmaking,
     /// Compression codecs: encode and decode GB/s on randn against a parallel memory copy.
     Codecs,
+    /// Butterfly all-reduce among peer processes over loopback tcp, against raw TCP doing the same exchange.
+    Allreduce,
+    /// One peer process of the all-reduce suite (started by it).
+    #[value(hide = true)]
+    AllreducePeer,
 }
 
 #[derive(Debug, Parser)]
@@ -33,12 +38,16 @@ struct Args {
     /// reported, default 20; codecs: rounds, the best is reported, default 3).
     #[arg(long)]
     repeat: Option<usize>,
-    /// Values per codec run in the codecs suite (16 Mi: 64 MiB of f32).
-    #[arg(long, default_value_t = 16 << 20)]
-    values: usize,
-    /// Peers in the membership suite's swarm.
-    #[arg(long, default_value_t = 1000)]
-    peers: usize,
+    /// Values per codec run in the codecs suite (default 16 Mi: 64 MiB of f32), or per peer in the
+    /// all-reduce suite (default 64 Mi: 256 MiB of f32).
+    #[arg(long)]
+    values: Option<usize>,
+    /// Peers in the membership suite's swarm (default 1000) or all-reduce processes (default 4).
+    #[arg(long)]
+    peers: Option<usize>,
+    /// All-reduce peer process: its index.
+    #[arg(long, hide = true, default_value_t = 0)]
+    index: usize,
     /// Run only the case of this name (the bound is always measured; membership: converge, rss/peer, visible;
     /// codecs: a codec name such as float16).
     #[arg(long)]
@@ -55,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             args.case.as_deref(),
         ))?,
         Suite::Membership => runtime.block_on(bench::membership::run(
-            args.peers,
+            args.peers.unwrap_or(1000),
             args.repeat.unwrap_or(20).max(1),
             args.case.as_deref(),
         ))?,
@@ -63,7 +72,24 @@ fn main() -> anyhow::Result<()> {
             args.repeat.unwrap_or(20).max(1),
             args.case.as_deref(),
         ))?,
-        Suite::Codecs => bench::codecs::run(args.values, args.repeat.unwrap_or(3).max(1), args.case.as_deref())?,
+        Suite::Allreduce => runtime.block_on(bench::allreduce::run(
+            args.peers.unwrap_or(4),
+            args.values.unwrap_or(64 << 20),
+            args.repeat.unwrap_or(3).max(1),
+            args.case.as_deref(),
+        ))?,
+        Suite::AllreducePeer => {
+            return runtime.block_on(bench::allreduce::peer_process(
+                args.index,
+                args.peers.unwrap_or(4),
+                args.values.unwrap_or(64 << 20),
+            ));
+        }
+        Suite::Codecs => bench::codecs::run(
+            args.values.unwrap_or(16 << 20),
+            args.repeat.unwrap_or(3).max(1),
+            args.case.as_deref(),
+        )?,
     };
     if !args.json {
         println!("machine: {}", bench::machine());

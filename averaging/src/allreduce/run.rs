@@ -1,0 +1,787 @@
+//! One peer's run of a round: the sending side (one task per remote reducer), the reducing side (one reader
+//! and one writer task per remote sender) and the collector that assembles results tensor by tensor.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use colony_transports::PeerId;
+use colony_transports::rpc::{self, FramedRecv, FramedSend, StreamConfig};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::messages::{Refusal, ToReducer, ToSender};
+use super::service::{AllReduceService, IncomingPart, Registration, refuse};
+use super::{AllReduceConfig, AllReduceError, Fault, GroupPlan, Outcome, PeerMode, Report, protocol};
+use crate::codec::Codec;
+use crate::net::Connector;
+use crate::partition::{PartitionPlan, values_per_part};
+use crate::reducer::PartReducer;
+use crate::tensor::{FlatTensors, TensorLayout};
+
+/// A tensor whose every part is in: its averaged values (local values where a reducer failed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorReady {
+    /// Index in the layout.
+    pub index: usize,
+    /// Its values.
+    pub values: Vec<f32>,
+}
+
+/// A round in progress. Dropping it cancels the round (every task and stream of it ends).
+pub struct AllReduceRun {
+    tensors: mpsc::UnboundedReceiver<TensorReady>,
+    outcome: Option<oneshot::Receiver<Result<Outcome, AllReduceError>>>,
+    driver: JoinHandle<()>,
+}
+
+impl AllReduceRun {
+    /// The next tensor whose parts are all in, in layout order; `None` once every tensor was delivered or
+    /// the round ended (or when this peer receives no results: an auxiliary).
+    pub async fn next_tensor(&mut self) -> Option<TensorReady> {
+        self.tensors.recv().await
+    }
+
+    /// Waits for the end of the round. Tensors not taken with [`AllReduceRun::next_tensor`] are not copied
+    /// out any more; they are in the outcome's buffer.
+    pub async fn finish(mut self) -> Result<Outcome, AllReduceError> {
+        self.tensors.close();
+        let outcome = self.outcome.take().ok_or(AllReduceError::Cancelled)?;
+        outcome.await.unwrap_or(Err(AllReduceError::Cancelled))
+    }
+
+    /// Cancels the round: outgoing streams are reset, and late senders are told "cancelled".
+    pub fn cancel(&self) {
+        self.driver.abort();
+    }
+}
+
+impl Drop for AllReduceRun {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// What the collector learns about one part.
+enum PartUpdate {
+    /// Add this delta to the local values.
+    Delta { part: usize, values: Vec<f32> },
+    /// The part's average (this peer reduced it).
+    Average { part: usize, values: Arc<Vec<f32>> },
+}
+
+/// Everything the tasks of a run share, immutable.
+struct RunContext {
+    plan: GroupPlan,
+    me: usize,
+    partition: PartitionPlan,
+    layout: Arc<TensorLayout>,
+    codecs: Vec<Codec>,
+    config: AllReduceConfig,
+    /// This peer's values (senders only).
+    local: Option<Arc<Vec<f32>>>,
+    /// Member index → sender slot (auxiliaries send nothing).
+    sender_slot: Vec<Option<usize>>,
+}
+
+impl RunContext {
+    fn part_codec(&self, part: usize) -> Codec {
+        self.codecs[self.partition.parts()[part].tensor]
+    }
+
+    fn part_range(&self, part: usize) -> Range<usize> {
+        self.partition.parts()[part].range.clone()
+    }
+
+    fn row_len(&self, part: usize) -> usize {
+        self.layout.tensors()[self.partition.parts()[part].tensor].row_len()
+    }
+
+    fn stream_config(&self, message_timeout: Duration) -> StreamConfig {
+        StreamConfig {
+            message_timeout,
+            ..self.config.stream
+        }
+    }
+}
+
+pub(super) fn start(
+    service: &AllReduceService,
+    connector: Arc<dyn Connector>,
+    plan: GroupPlan,
+    me: PeerId,
+    layout: Arc<TensorLayout>,
+    tensors: Option<FlatTensors>,
+    config: AllReduceConfig,
+) -> Result<AllReduceRun, AllReduceError> {
+    let me = plan.validate(me)?;
+    let mode = plan.members[me].mode;
+    let local = match (mode, tensors) {
+        (PeerMode::Auxiliary, _) => None,
+        (_, None) => return Err(AllReduceError::BadInput("gave no tensors".into())),
+        (_, Some(tensors)) => {
+            if **tensors.layout() != *layout {
+                return Err(AllReduceError::BadInput("gave tensors of another layout".into()));
+            }
+            Some(Arc::new(tensors.into_vec()))
+        }
+    };
+    let codecs: Vec<Codec> = layout.tensors().iter().map(|t| config.codecs.codec_for(t)).collect();
+    let part_values = |index: usize, _: &crate::tensor::TensorInfo| {
+        values_per_part(config.part_size_bytes, codecs[index].bytes_per_value())
+    };
+    let partition = PartitionPlan::new(&layout, part_values, &plan.effective_shares())?;
+    let mut slots = 0;
+    let sender_slot = plan
+        .members
+        .iter()
+        .map(|m| {
+            (m.mode != PeerMode::Auxiliary).then(|| {
+                slots += 1;
+                slots - 1
+            })
+        })
+        .collect();
+
+    // Register before returning, so streams that arrive from now on find this run.
+    let mut registration = (!partition.parts_of_peer(me).is_empty()).then(|| service.register(plan.group_id));
+    let (tensor_sender, tensor_receiver) = mpsc::unbounded_channel();
+    let (outcome_sender, outcome_receiver) = oneshot::channel();
+    if config.fault == Some(Fault::Cancel) {
+        if let Some(registration) = registration.as_mut() {
+            registration.outcome = Refusal::Cancelled;
+        }
+        drop(registration);
+        service.refuse_group(plan.group_id);
+        let _ = outcome_sender.send(Err(AllReduceError::Cancelled));
+        return Ok(AllReduceRun {
+            tensors: tensor_receiver,
+            outcome: Some(outcome_receiver),
+            driver: tokio::spawn(async {}),
+        });
+    }
+    let context = Arc::new(RunContext {
+        plan,
+        me,
+        partition,
+        layout,
+        codecs,
+        config,
+        local,
+        sender_slot,
+    });
+    let driver = tokio::spawn(async move {
+        let mut guard = CancelGuard(registration.take());
+        let result = drive(context, connector, guard.0.as_mut(), tensor_sender).await;
+        guard.0.take();
+        let _ = outcome_sender.send(result);
+    });
+    Ok(AllReduceRun {
+        tensors: tensor_receiver,
+        outcome: Some(outcome_receiver),
+        driver,
+    })
+}
+
+/// Marks the registration "cancelled" when the driver is aborted before it finishes.
+struct CancelGuard(Option<Registration>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(registration) = self.0.as_mut() {
+            registration.outcome = Refusal::Cancelled;
+        }
+    }
+}
+
+async fn drive(
+    context: Arc<RunContext>,
+    connector: Arc<dyn Connector>,
+    registration: Option<&mut Registration>,
+    tensor_sender: mpsc::UnboundedSender<TensorReady>,
+) -> Result<Outcome, AllReduceError> {
+    let deadline = Instant::now() + context.config.allreduce_timeout;
+    let (updates, mut update_receiver) = mpsc::unbounded_channel();
+    let mut tasks: JoinSet<TaskReport> = JoinSet::new();
+    if context.local.is_some() {
+        let reducers = context.partition.num_peers();
+        let last_reducer = (0..reducers)
+            .rev()
+            .find(|&j| j != context.me && !context.partition.parts_of_peer(j).is_empty());
+        for reducer in 0..reducers {
+            if reducer == context.me || context.partition.parts_of_peer(reducer).is_empty() {
+                continue;
+            }
+            let fault = context.config.fault.filter(|_| Some(reducer) == last_reducer);
+            tasks.spawn(exchange_with_reducer(
+                context.clone(),
+                connector.clone(),
+                reducer,
+                updates.clone(),
+                fault,
+            ));
+        }
+    }
+    let reducing = registration.map(|registration| reduce_own_parts(context.clone(), registration, updates.clone()));
+    drop(updates);
+
+    let mut collector = Collector::new(&context, tensor_sender);
+    let mut report = Report {
+        parts: context.partition.parts().len(),
+        ..Report::default()
+    };
+    let work = async {
+        let mut reducing_report = None;
+        let reducing = async {
+            if let Some(reducing) = reducing {
+                reducing_report = Some(reducing.await);
+            }
+        };
+        let collecting = async {
+            while let Some(update) = update_receiver.recv().await {
+                collector.apply(&context, update);
+            }
+        };
+        let joining = async {
+            let mut reports = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok(task_report) = joined {
+                    reports.push(task_report);
+                }
+            }
+            reports
+        };
+        let ((), (), reports) = tokio::join!(reducing, collecting, joining);
+        (reducing_report, reports)
+    };
+    let timed_out = match tokio::time::timeout_at(deadline, work).await {
+        Ok((reducing_report, reports)) => {
+            for task in reports.into_iter().chain(reducing_report) {
+                match task {
+                    TaskReport::ReducerFailed(peer) => report.failed_reducers.push(peer),
+                    TaskReport::Dropped(peers) => report.dropped_senders.extend(peers),
+                    TaskReport::Fine => {}
+                }
+            }
+            false
+        }
+        Err(_) => true,
+    };
+    report.parts_averaged = collector.averaged;
+    collector.flush_remaining();
+    if timed_out && context.local.is_none() {
+        return Err(AllReduceError::Timeout(context.config.allreduce_timeout));
+    }
+    report.timed_out = timed_out;
+    let tensors = collector
+        .output
+        .map(|values| FlatTensors::new(context.layout.clone(), values).expect("the output keeps the layout's length"));
+    Ok(Outcome { tensors, report })
+}
+
+/// Assembles this peer's output and hands out tensors in order as they complete.
+struct Collector {
+    output: Option<Vec<f32>>,
+    done: Vec<bool>,
+    remaining_by_tensor: Vec<usize>,
+    next_tensor: usize,
+    averaged: usize,
+    tensors: mpsc::UnboundedSender<TensorReady>,
+    ranges: Vec<Range<usize>>,
+}
+
+impl Collector {
+    fn new(context: &RunContext, tensors: mpsc::UnboundedSender<TensorReady>) -> Self {
+        let count = context.layout.len();
+        let mut collector = Self {
+            output: context.local.as_ref().map(|local| local.as_ref().clone()),
+            done: vec![false; context.partition.parts().len()],
+            remaining_by_tensor: (0..count).map(|t| context.partition.parts_of_tensor(t).len()).collect(),
+            next_tensor: 0,
+            averaged: 0,
+            tensors,
+            ranges: (0..count).map(|t| context.layout.range(t)).collect(),
+        };
+        collector.hand_out();
+        collector
+    }
+
+    fn apply(&mut self, context: &RunContext, update: PartUpdate) {
+        let part = match &update {
+            PartUpdate::Delta { part, .. } | PartUpdate::Average { part, .. } => *part,
+        };
+        if self.done[part] {
+            return;
+        }
+        let range = context.part_range(part);
+        if let Some(output) = self.output.as_mut() {
+            let target = &mut output[range];
+            match &update {
+                PartUpdate::Delta { values, .. } => target.iter_mut().zip(values).for_each(|(x, d)| *x += d),
+                PartUpdate::Average { values, .. } => target.copy_from_slice(values),
+            }
+        }
+        self.done[part] = true;
+        self.averaged += 1;
+        self.remaining_by_tensor[context.partition.parts()[part].tensor] -= 1;
+        self.hand_out();
+    }
+
+    fn hand_out(&mut self) {
+        let Some(output) = self.output.as_ref() else { return };
+        if self.tensors.is_closed() {
+            // Nobody takes tensors one by one (the owner waits for the whole buffer): skip the copies.
+            return;
+        }
+        while self.next_tensor < self.remaining_by_tensor.len() && self.remaining_by_tensor[self.next_tensor] == 0 {
+            let index = self.next_tensor;
+            let _ = self.tensors.send(TensorReady {
+                index,
+                values: output[self.ranges[index].clone()].to_vec(),
+            });
+            self.next_tensor += 1;
+        }
+    }
+
+    /// Parts that never got a result keep local values; hand out what is left.
+    fn flush_remaining(&mut self) {
+        for remaining in &mut self.remaining_by_tensor {
+            *remaining = 0;
+        }
+        self.hand_out();
+    }
+}
+
+enum TaskReport {
+    Fine,
+    ReducerFailed(PeerId),
+    Dropped(Vec<PeerId>),
+}
+
+/// Sends this peer's parts to reducer `reducer` and applies the deltas it returns.
+async fn exchange_with_reducer(
+    context: Arc<RunContext>,
+    connector: Arc<dyn Connector>,
+    reducer: usize,
+    updates: mpsc::UnboundedSender<PartUpdate>,
+    fault: Option<Fault>,
+) -> TaskReport {
+    let peer = context.plan.members[reducer].peer;
+    let timeout = context.config.reducer_timeout;
+    let opened = async {
+        let conn = tokio::time::timeout(timeout, connector.connect(&peer))
+            .await
+            .map_err(|_| format!("no connection within {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = rpc::open::<ToSender>(&conn, &protocol(), &context.stream_config(timeout))
+            .await
+            .map_err(|e| e.to_string())?;
+        let begin = ToReducer::Begin {
+            group_id: context.plan.group_id.0,
+        };
+        send.send(&begin, Bytes::new()).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, recv))
+    };
+    let (send, recv) = match tokio::time::timeout(timeout, opened).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(reason)) => return reducer_failed(peer, &reason),
+        Err(_) => return reducer_failed(peer, &format!("could not open a stream within {timeout:?}")),
+    };
+    let parts = context.partition.parts_of_peer(reducer);
+    let (sent_sender, sent) = watch::channel(SendProgress::default());
+    let sending = send_parts(&context, send, parts.clone(), sent_sender, fault);
+    let receiving = receive_results(&context, recv, parts, sent, &updates);
+    // A peer that reduces nothing reads its results only after it has sent everything.
+    let received = if context.partition.parts_of_peer(context.me).is_empty() {
+        sending.await;
+        receiving.await
+    } else {
+        tokio::join!(sending, receiving).1
+    };
+    match received {
+        Ok(()) => TaskReport::Fine,
+        Err(reason) => reducer_failed(peer, &reason),
+    }
+}
+
+fn reducer_failed(peer: PeerId, reason: &str) -> TaskReport {
+    tracing::debug!(reducer = %peer.short(), %reason, "all-reduce: reducer failed; its parts keep local values");
+    TaskReport::ReducerFailed(peer)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SendProgress {
+    sent: usize,
+    finished: bool,
+}
+
+async fn send_parts(
+    context: &RunContext,
+    mut send: FramedSend,
+    parts: Range<usize>,
+    progress: watch::Sender<SendProgress>,
+    fault: Option<Fault>,
+) {
+    let local = context.local.as_ref().expect("only senders send parts");
+    let mut sent = 0;
+    for part in parts {
+        let codec = context.part_codec(part);
+        let payload = Bytes::from(codec.encode(&local[context.part_range(part)], context.row_len(part)));
+        let message = ToReducer::Part {
+            index: part as u64,
+            codec: codec.id(),
+        };
+        if send.send(&message, payload).await.is_err() {
+            break;
+        }
+        sent += 1;
+        progress.send_replace(SendProgress { sent, finished: false });
+        match fault {
+            Some(Fault::SlowSending) if sent == 1 => tokio::time::sleep(Duration::from_secs(10)).await,
+            Some(Fault::FailSending) if sent == 1 => {
+                send.reset(1);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let _ = send.finish().await;
+    progress.send_replace(SendProgress { sent, finished: true });
+}
+
+async fn receive_results(
+    context: &RunContext,
+    recv: FramedRecv<ToSender>,
+    parts: Range<usize>,
+    mut progress: watch::Receiver<SendProgress>,
+    updates: &mpsc::UnboundedSender<PartUpdate>,
+) -> Result<(), String> {
+    let mut recv = recv;
+    for (position, part) in parts.clone().enumerate() {
+        // Never wait for the result of a part that was not sent.
+        let state = *progress
+            .wait_for(|p| p.sent > position || p.finished)
+            .await
+            .map_err(|_| "the sending side ended".to_owned())?;
+        if state.sent <= position {
+            return Err(format!("sent only {} of {} parts", state.sent, parts.len()));
+        }
+        let (message, payload) = recv
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the stream ended after {position} of {} results", parts.len()))?;
+        let (index, codec) = match message {
+            ToSender::Averaged { index, codec } => (index, codec),
+            ToSender::Refused { code, detail } => {
+                let why = Refusal::from_code(code).map_or_else(|| format!("refusal code {code}"), |r| r.to_string());
+                return Err(format!("refused: {why} ({detail})"));
+            }
+        };
+        if index != part as u64 {
+            return Err(format!("expected the result of part {part}, got part {index}"));
+        }
+        let expected = context.part_codec(part);
+        if codec != expected.id() {
+            return Err(format!(
+                "result of part {part} in codec {codec}, expected {}",
+                expected.id()
+            ));
+        }
+        let values = expected
+            .decode(&payload, context.part_range(part).len())
+            .map_err(|e| format!("result of part {part}: {e}"))?;
+        if updates.send(PartUpdate::Delta { part, values }).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The reducing side's shared state.
+struct ReducerCore {
+    reducer: PartReducer,
+    /// First global part index this peer reduces.
+    first: usize,
+    /// Per sender slot: its decoded parts (local index → values, codec) waiting for their average.
+    pending: Vec<HashMap<usize, (Vec<f32>, Codec)>>,
+    /// Per sender slot: where its results go.
+    writers: Vec<Option<mpsc::UnboundedSender<Reply>>>,
+    started: Vec<bool>,
+    dropped: Vec<PeerId>,
+    /// This peer's own sender slot, if it sends.
+    own_slot: Option<usize>,
+}
+
+struct Reply {
+    part: usize,
+    average: Arc<Vec<f32>>,
+    own: Vec<f32>,
+    codec: Codec,
+}
+
+impl ReducerCore {
+    /// Hands out every part that completed.
+    fn drain(&mut self, updates: &mpsc::UnboundedSender<PartUpdate>) {
+        while let Some(reduced) = self.reducer.next_completed() {
+            let part = self.first + reduced.index;
+            let Some(average) = reduced.average else { continue };
+            let average = Arc::new(average);
+            if self.own_slot.is_some() {
+                let _ = updates.send(PartUpdate::Average {
+                    part,
+                    values: average.clone(),
+                });
+            }
+            for (slot, pending) in self.pending.iter_mut().enumerate() {
+                if let Some((own, codec)) = pending.remove(&reduced.index)
+                    && let Some(writer) = &self.writers[slot]
+                {
+                    let _ = writer.send(Reply {
+                        part,
+                        average: average.clone(),
+                        own,
+                        codec,
+                    });
+                }
+            }
+        }
+        if self.reducer.is_finished() {
+            // Every result is queued: writers finish their streams once they have sent them.
+            self.writers.iter_mut().for_each(|w| *w = None);
+        }
+    }
+
+    fn drop_sender(&mut self, slot: usize, peer: PeerId, reason: &str, updates: &mpsc::UnboundedSender<PartUpdate>) {
+        // A sender is dropped once; later it may neither reconnect nor count for more parts.
+        self.started[slot] = true;
+        if self.dropped.contains(&peer) {
+            return;
+        }
+        tracing::debug!(sender = %peer.short(), %reason, "all-reduce: dropping a sender from later parts");
+        self.reducer.ban(slot);
+        self.dropped.push(peer);
+        self.pending[slot].clear();
+        self.drain(updates);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic inside would be a bug of ours; the state is still the best we have.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reduces the parts this peer owns: its own contribution locally, the others' from their streams.
+async fn reduce_own_parts(
+    context: Arc<RunContext>,
+    registration: &mut Registration,
+    updates: mpsc::UnboundedSender<PartUpdate>,
+) -> TaskReport {
+    let own_parts = context.partition.parts_of_peer(context.me);
+    let part_lens: Vec<usize> = own_parts.clone().map(|p| context.part_range(p).len()).collect();
+    let weights: Vec<f32> = context
+        .plan
+        .members
+        .iter()
+        .filter(|m| m.mode != PeerMode::Auxiliary)
+        .map(|m| m.weight)
+        .collect();
+    let senders = weights.len();
+    let own_slot = context.sender_slot[context.me];
+    let core = Arc::new(Mutex::new(ReducerCore {
+        reducer: PartReducer::new(part_lens, weights),
+        first: own_parts.start,
+        pending: (0..senders).map(|_| HashMap::new()).collect(),
+        writers: (0..senders).map(|_| None).collect(),
+        started: vec![false; senders],
+        dropped: Vec::new(),
+        own_slot,
+    }));
+    if let (Some(slot), Some(local)) = (own_slot, context.local.as_ref()) {
+        let mut core = lock(&core);
+        core.started[slot] = true;
+        for (index, part) in own_parts.clone().enumerate() {
+            if let Err(error) = core.reducer.accumulate(slot, index, &local[context.part_range(part)]) {
+                tracing::warn!(%error, "all-reduce: this peer's own values were refused; dropping them");
+                core.reducer.ban(slot);
+                break;
+            }
+        }
+    }
+    // Parts that wait for nobody (a group without senders) complete at once.
+    lock(&core).drain(&updates);
+
+    let replies_sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failed = Arc::new(Notify::new());
+    let mut streams: JoinSet<()> = JoinSet::new();
+    let missing_deadline = Instant::now() + context.config.sender_timeout;
+    let mut missing_checked = false;
+    loop {
+        if lock(&core).reducer.is_finished() {
+            break;
+        }
+        tokio::select! {
+            incoming = registration.receiver.recv() => {
+                let Some(incoming) = incoming else { break };
+                accept_sender(&context, &core, incoming, &mut streams, &updates, &replies_sent, &failed).await;
+            }
+            () = tokio::time::sleep_until(missing_deadline), if !missing_checked => {
+                missing_checked = true;
+                let mut core = lock(&core);
+                for (member, slot) in context.sender_slot.iter().enumerate() {
+                    if let Some(slot) = *slot && !core.started[slot] {
+                        let peer = context.plan.members[member].peer;
+                        core.drop_sender(slot, peer, "did not start within the sender timeout", &updates);
+                    }
+                }
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            () = failed.notified() => {
+                // Fault injection: this reducer dies with every stream of it.
+                streams.abort_all();
+                return TaskReport::Dropped(lock(&core).dropped.clone());
+            }
+        }
+    }
+    // Late senders of a finished run are refused by the service once the registration ends; the writers
+    // finish sending what is queued.
+    lock(&core).writers.iter_mut().for_each(|w| *w = None);
+    loop {
+        tokio::select! {
+            joined = streams.join_next() => if joined.is_none() { break },
+            () = failed.notified() => {
+                streams.abort_all();
+                break;
+            }
+        }
+    }
+    let dropped = lock(&core).dropped.clone();
+    TaskReport::Dropped(dropped)
+}
+
+async fn accept_sender(
+    context: &Arc<RunContext>,
+    core: &Arc<Mutex<ReducerCore>>,
+    incoming: IncomingPart,
+    streams: &mut JoinSet<()>,
+    updates: &mpsc::UnboundedSender<PartUpdate>,
+    replies_sent: &Arc<std::sync::atomic::AtomicUsize>,
+    failed: &Arc<Notify>,
+) {
+    let member = context.plan.members.iter().position(|m| m.peer == incoming.peer);
+    let slot = member
+        .and_then(|m| context.sender_slot[m])
+        .filter(|_| member != Some(context.me));
+    let accepted = slot.filter(|&slot| {
+        let mut core = lock(core);
+        let fresh = !core.started[slot];
+        core.started[slot] = true;
+        fresh && core.reducer.delivered(slot) == 0
+    });
+    let Some(slot) = accepted else {
+        let why = if slot.is_some() {
+            (Refusal::Banned, "this sender was dropped or is already connected")
+        } else {
+            (Refusal::ProtocolViolation, "not a sender of this group")
+        };
+        streams.spawn(async move {
+            let _ = refuse(incoming.send, why.0, why.1).await;
+        });
+        return;
+    };
+    let (writer_sender, writer_receiver) = mpsc::unbounded_channel();
+    lock(core).writers[slot] = Some(writer_sender);
+    let peer = incoming.peer;
+    let reader_context = context.clone();
+    let reader_core = core.clone();
+    let reader_updates = updates.clone();
+    let recv = FramedRecv::<ToReducer>::new(
+        incoming.recv,
+        context.config.stream.limits,
+        context.config.sender_timeout,
+    );
+    streams.spawn(async move {
+        if let Err(reason) = read_parts(&reader_context, &reader_core, slot, recv, &reader_updates).await {
+            lock(&reader_core).drop_sender(slot, peer, &reason, &reader_updates);
+        }
+    });
+    let writer_context = context.clone();
+    let replies_sent = replies_sent.clone();
+    let failed = failed.clone();
+    streams.spawn(async move {
+        write_results(&writer_context, incoming.send, writer_receiver, &replies_sent, &failed).await;
+    });
+}
+
+/// Reads one sender's parts in order into the reducer.
+async fn read_parts(
+    context: &RunContext,
+    core: &Mutex<ReducerCore>,
+    slot: usize,
+    mut recv: FramedRecv<ToReducer>,
+    updates: &mpsc::UnboundedSender<PartUpdate>,
+) -> Result<(), String> {
+    let own_parts = context.partition.parts_of_peer(context.me);
+    for (index, part) in own_parts.clone().enumerate() {
+        let (message, payload) = recv
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the stream ended after {index} of {} parts", own_parts.len()))?;
+        let ToReducer::Part { index: got, codec } = message else {
+            return Err("a second Begin message".into());
+        };
+        if got != part as u64 {
+            return Err(format!("expected part {part}, got part {got}"));
+        }
+        let codec = Codec::from_id(codec).map_err(|e| e.to_string())?;
+        let values = codec
+            .decode(&payload, context.part_range(part).len())
+            .map_err(|e| format!("part {part}: {e}"))?;
+        let mut core = lock(core);
+        core.reducer
+            .accumulate(slot, index, &values)
+            .map_err(|e| format!("part {part}: {e}"))?;
+        core.pending[slot].insert(index, (values, codec));
+        core.drain(updates);
+    }
+    Ok(())
+}
+
+/// Streams one sender's results back as deltas in its codec.
+async fn write_results(
+    context: &RunContext,
+    mut send: FramedSend,
+    mut replies: mpsc::UnboundedReceiver<Reply>,
+    replies_sent: &std::sync::atomic::AtomicUsize,
+    failed: &Notify,
+) {
+    while let Some(mut reply) = replies.recv().await {
+        for (own, average) in reply.own.iter_mut().zip(reply.average.iter()) {
+            *own = average - *own;
+        }
+        let payload = Bytes::from(reply.codec.encode(&reply.own, context.row_len(reply.part)));
+        let message = ToSender::Averaged {
+            index: reply.part as u64,
+            codec: reply.codec.id(),
+        };
+        // A sender that stopped reading gets no more than the time a sender waits for a result.
+        match tokio::time::timeout(context.config.reducer_timeout, send.send(&message, payload)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        let sent = replies_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        match context.config.fault {
+            Some(Fault::SlowReducing) if sent >= 3 => tokio::time::sleep(Duration::from_secs(10)).await,
+            Some(Fault::FailReducing) if sent == 3 => {
+                failed.notify_one();
+                return;
+            }
+            _ => {}
+        }
+    }
+    let _ = send.finish().await;
+}

@@ -1,0 +1,316 @@
+//! The averager: one call averages this peer's tensors with a group of peers.
+//!
+//! [`Averager::step`] looks for a group with the [`Matchmaker`] (under the averager's group key, with the
+//! tensors' schema hash), learns every member's role, weight and bandwidth from the bytes each one
+//! gathered, splits the vector with load balancing, and runs the butterfly all-reduce
+//! ([`colony_averaging::allreduce`]) over membership's connections. It is what Hivemind's
+//! `DecentralizedAverager.step` does, without a background process.
+//!
+//! The protocols it serves must be on membership's router from the start: create [`AveragerServices`],
+//! pass [`AveragerServices::register`] to [`Membership::start_with`], then start the averager.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use colony_averaging::allreduce::{
+    self, AllReduceConfig, AllReduceError, AllReduceService, GroupId, GroupMember, GroupPlan, Outcome, PeerMode,
+    ServiceConfig,
+};
+use colony_averaging::balance::{BalanceError, load_balance_peers};
+use colony_averaging::matchmaking::{GroupInfo, MatchmakingConfig, MatchmakingError};
+use colony_averaging::tensor::{FlatTensors, TensorLayout};
+use colony_transports::rpc::Router;
+use thiserror::Error;
+
+use crate::actors::matchmaker::{GroupRequest, Matchmaker, MatchmakingService};
+use crate::membership::{Membership, Role};
+
+/// The protocols of an averager, to register on membership's router before membership starts.
+#[derive(Clone)]
+pub struct AveragerServices {
+    /// `/colony/matchmaking/1`.
+    pub matchmaking: MatchmakingService,
+    /// `/colony/allreduce/1`.
+    pub allreduce: AllReduceService,
+}
+
+impl AveragerServices {
+    /// Services whose all-reduce side waits `config.registration_timeout` for a round that starts late.
+    pub fn new(config: ServiceConfig) -> Self {
+        Self {
+            matchmaking: MatchmakingService::new(),
+            allreduce: AllReduceService::new(config),
+        }
+    }
+
+    /// Serves both protocols on `router`.
+    pub fn register(&self, router: &mut Router) {
+        self.matchmaking.register(router);
+        self.allreduce.serve(router);
+    }
+}
+
+impl Default for AveragerServices {
+    fn default() -> Self {
+        Self::new(ServiceConfig::default())
+    }
+}
+
+/// Settings of an [`Averager`].
+#[derive(Debug, Clone)]
+pub struct AveragerConfig {
+    /// Group key prefix, sizes and timings of matchmaking.
+    pub matchmaking: MatchmakingConfig,
+    /// Part size, timeouts and codecs of the all-reduce.
+    pub allreduce: AllReduceConfig,
+    /// Reduce for others but send nothing and receive no result (Hivemind's `auxiliary`).
+    pub auxiliary: bool,
+    /// This peer's bandwidth for load balancing, in any unit shared by the run (Mbit/s is usual); `None`
+    /// counts as the group's mean, 0 reduces nothing.
+    pub bandwidth: Option<f64>,
+    /// A peer's share below this many values is dropped and given to the others.
+    pub min_vector_size: usize,
+}
+
+impl AveragerConfig {
+    /// Defaults with the group key prefix `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            matchmaking: MatchmakingConfig::new(prefix),
+            allreduce: AllReduceConfig::default(),
+            auxiliary: false,
+            bandwidth: None,
+            min_vector_size: 0,
+        }
+    }
+}
+
+/// Why a step did not average.
+#[derive(Debug, Error)]
+pub enum AveragerError {
+    /// No group formed (too few peers, timeout, cancellation).
+    #[error(transparent)]
+    Matchmaking(#[from] MatchmakingError),
+    /// A member gathered bytes that are not an averager's (names the member).
+    #[error("member {member} of the group sent an invalid gather: {reason}")]
+    BadGather {
+        /// Its index in the group.
+        member: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Nobody in the group can reduce (every member is a client or declared bandwidth 0).
+    #[error(transparent)]
+    Balance(#[from] BalanceError),
+    /// The all-reduce could not run.
+    #[error(transparent)]
+    AllReduce(#[from] AllReduceError),
+    /// The tensors do not fit the averager.
+    #[error("{0}")]
+    BadInput(String),
+}
+
+/// A finished step: the group and the all-reduce's outcome.
+#[derive(Debug)]
+pub struct Averaged {
+    /// Who averaged together.
+    pub group: GroupInfo,
+    /// The averaged tensors (none for an auxiliary) and what failed.
+    pub outcome: Outcome,
+}
+
+/// Averages one set of tensors (one [`TensorLayout`]) with the swarm, step by step.
+pub struct Averager {
+    membership: Membership,
+    matchmaker: Matchmaker,
+    services: AveragerServices,
+    layout: Arc<TensorLayout>,
+    config: AveragerConfig,
+    mode: PeerMode,
+}
+
+/// What every member tells the group about itself: version, mode, weight, bandwidth (NaN = not given).
+const GATHER_LEN: usize = 1 + 1 + 4 + 8;
+const GATHER_VERSION: u8 = 1;
+
+fn encode_gather(mode: PeerMode, weight: f32, bandwidth: Option<f64>) -> Bytes {
+    let mut bytes = Vec::with_capacity(GATHER_LEN);
+    bytes.push(GATHER_VERSION);
+    bytes.push(match mode {
+        PeerMode::Node => 0,
+        PeerMode::Client => 1,
+        PeerMode::Auxiliary => 2,
+    });
+    bytes.extend_from_slice(&weight.to_le_bytes());
+    bytes.extend_from_slice(&bandwidth.unwrap_or(f64::NAN).to_le_bytes());
+    Bytes::from(bytes)
+}
+
+fn decode_gather(bytes: &[u8]) -> Result<(PeerMode, f32, Option<f64>), String> {
+    if bytes.len() != GATHER_LEN {
+        return Err(format!("{} bytes, expected {GATHER_LEN}", bytes.len()));
+    }
+    if bytes[0] != GATHER_VERSION {
+        return Err(format!("version {}, expected {GATHER_VERSION}", bytes[0]));
+    }
+    let mode = match bytes[1] {
+        0 => PeerMode::Node,
+        1 => PeerMode::Client,
+        2 => PeerMode::Auxiliary,
+        other => return Err(format!("unknown mode {other}")),
+    };
+    let weight = f32::from_le_bytes(bytes[2..6].try_into().expect("4 bytes"));
+    if !(weight.is_finite() && weight >= 0.0) {
+        return Err(format!("weight {weight}; weights are finite and non-negative"));
+    }
+    let bandwidth = f64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes"));
+    let bandwidth = if bandwidth.is_nan() {
+        None
+    } else if bandwidth.is_finite() && bandwidth >= 0.0 {
+        Some(bandwidth)
+    } else {
+        return Err(format!("bandwidth {bandwidth}; bandwidths are finite and non-negative"));
+    };
+    Ok((mode, weight, bandwidth))
+}
+
+impl Averager {
+    /// Starts an averager for `layout` on `membership`, whose router serves `services`.
+    pub fn start(
+        membership: &Membership,
+        services: &AveragerServices,
+        layout: Arc<TensorLayout>,
+        config: AveragerConfig,
+    ) -> Result<Self, AveragerError> {
+        let matchmaker = Matchmaker::start(membership, &services.matchmaking, config.matchmaking.clone())?;
+        let mode = match membership.role() {
+            Role::Client => PeerMode::Client,
+            Role::Auxiliary => PeerMode::Auxiliary,
+            Role::Trainer if config.auxiliary => PeerMode::Auxiliary,
+            Role::Trainer => PeerMode::Node,
+        };
+        Ok(Self {
+            membership: membership.clone(),
+            matchmaker,
+            services: services.clone(),
+            layout,
+            config,
+            mode,
+        })
+    }
+
+    /// How this peer takes part in rounds.
+    pub fn mode(&self) -> PeerMode {
+        self.mode
+    }
+
+    /// The matchmaker (group bits, status, cancel).
+    pub fn matchmaker(&self) -> &Matchmaker {
+        &self.matchmaker
+    }
+
+    /// Finds a group within `timeout` and averages `tensors` (`None` for an auxiliary) with it, weighted by
+    /// `weight`. Dropping the future cancels the step.
+    pub async fn step(
+        &self,
+        tensors: Option<FlatTensors>,
+        weight: f32,
+        timeout: Duration,
+    ) -> Result<Averaged, AveragerError> {
+        if let Some(tensors) = &tensors
+            && **tensors.layout() != *self.layout
+        {
+            return Err(AveragerError::BadInput(
+                "the tensors are not of this averager's layout".into(),
+            ));
+        }
+        if tensors.is_none() && self.mode != PeerMode::Auxiliary {
+            return Err(AveragerError::BadInput(
+                "only an auxiliary peer averages without tensors".into(),
+            ));
+        }
+        let weight = if self.mode == PeerMode::Auxiliary { 0.0 } else { weight };
+        let mut request = GroupRequest::new(self.layout.schema_hash(), timeout);
+        request.gather = encode_gather(self.mode, weight, self.config.bandwidth);
+        request.client_mode = self.mode == PeerMode::Client;
+        let group = self.matchmaker.look_for_group(request).await?;
+        let plan = self.plan(&group)?;
+        let run = allreduce::start(
+            &self.services.allreduce,
+            self.membership.connector(),
+            plan,
+            self.membership.local_peer(),
+            self.layout.clone(),
+            tensors,
+            self.config.allreduce.clone(),
+        )?;
+        let outcome = run.finish().await?;
+        Ok(Averaged { group, outcome })
+    }
+
+    /// The all-reduce plan every member derives identically from the group.
+    fn plan(&self, group: &GroupInfo) -> Result<GroupPlan, AveragerError> {
+        let mut members = Vec::with_capacity(group.members.len());
+        let mut bandwidths = Vec::with_capacity(group.members.len());
+        for (index, (peer, gathered)) in group.members.iter().zip(&group.gathered).enumerate() {
+            let (mode, weight, bandwidth) =
+                decode_gather(gathered).map_err(|reason| AveragerError::BadGather { member: index, reason })?;
+            bandwidths.push(if mode == PeerMode::Client { Some(0.0) } else { bandwidth });
+            members.push(GroupMember {
+                peer: *peer,
+                mode,
+                weight,
+                share: 0.0,
+            });
+        }
+        if group.gathered.len() != group.members.len() {
+            return Err(AveragerError::BadGather {
+                member: group.gathered.len().min(group.members.len()),
+                reason: "the group's gather list does not match its members".into(),
+            });
+        }
+        let shares = load_balance_peers(self.layout.total_values(), &bandwidths, self.config.min_vector_size)?;
+        for (member, share) in members.iter_mut().zip(shares) {
+            member.share = share as f64;
+        }
+        Ok(GroupPlan {
+            group_id: GroupId(group.group_id),
+            members,
+        })
+    }
+
+    /// Stops the matchmaker; a step in progress fails.
+    pub fn shutdown(&self) {
+        self.matchmaker.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_round_trips_and_refuses_garbage() {
+        for (mode, weight, bandwidth) in [
+            (PeerMode::Node, 1.0, None),
+            (PeerMode::Client, 0.5, Some(0.0)),
+            (PeerMode::Auxiliary, 0.0, Some(100.0)),
+        ] {
+            assert_eq!(
+                decode_gather(&encode_gather(mode, weight, bandwidth)),
+                Ok((mode, weight, bandwidth))
+            );
+        }
+        assert!(decode_gather(&[]).is_err());
+        let mut bad = encode_gather(PeerMode::Node, 1.0, None).to_vec();
+        bad[1] = 9;
+        assert!(decode_gather(&bad).unwrap_err().contains("mode"));
+        let bad = encode_gather(PeerMode::Node, f32::NAN, None);
+        assert!(decode_gather(&bad).unwrap_err().contains("weight"));
+        let bad = encode_gather(PeerMode::Node, 1.0, Some(-1.0));
+        assert!(decode_gather(&bad).unwrap_err().contains("bandwidth"));
+        let bad = encode_gather(PeerMode::Node, 1.0, Some(f64::INFINITY));
+        assert!(decode_gather(&bad).unwrap_err().contains("bandwidth"));
+    }
+}
