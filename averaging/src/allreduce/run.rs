@@ -429,7 +429,7 @@ async fn send_parts(
     let mut sent = 0;
     for part in parts {
         let codec = context.part_codec(part);
-        let payload = Bytes::from(codec.encode(&local[context.part_range(part)], context.row_len(part)));
+        let payload = encode_part(codec, local, context.part_range(part), context.row_len(part));
         let message = ToReducer::Part {
             index: part as u64,
             codec: codec.id(),
@@ -763,7 +763,11 @@ async fn write_results(
         for (own, average) in reply.own.iter_mut().zip(reply.average.iter()) {
             *own = average - *own;
         }
-        let payload = Bytes::from(reply.codec.encode(&reply.own, context.row_len(reply.part)));
+        let payload = if reply.codec == Codec::None && cfg!(target_endian = "little") {
+            Bytes::from_owner(F32Bytes::Owned(reply.own))
+        } else {
+            Bytes::from(reply.codec.encode(&reply.own, context.row_len(reply.part)))
+        };
         let message = ToSender::Averaged {
             index: reply.part as u64,
             codec: reply.codec.id(),
@@ -784,4 +788,32 @@ async fn write_results(
         }
     }
     let _ = send.finish().await;
+}
+
+/// Encodes a part of `values`. Uncompressed parts on a little-endian machine are the values' own bytes:
+/// the frame carries them without a copy.
+fn encode_part(codec: Codec, values: &Arc<Vec<f32>>, range: Range<usize>, row_len: usize) -> Bytes {
+    if codec == Codec::None && cfg!(target_endian = "little") {
+        Bytes::from_owner(F32Bytes::Shared(values.clone(), range))
+    } else {
+        Bytes::from(codec.encode(&values[range], row_len))
+    }
+}
+
+/// f32 values seen as their little-endian bytes (the `none` codec's wire layout on a little-endian machine).
+enum F32Bytes {
+    Shared(Arc<Vec<f32>>, Range<usize>),
+    Owned(Vec<f32>),
+}
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        let values: &[f32] = match self {
+            F32Bytes::Shared(values, range) => &values[range.clone()],
+            F32Bytes::Owned(values) => values,
+        };
+        // SAFETY: an f32 slice is valid, initialised memory of `4 * len` bytes; u8 has alignment 1 and every
+        // byte pattern is a valid u8, and the borrow keeps `self` (the owner) alive for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    }
 }

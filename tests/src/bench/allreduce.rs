@@ -118,9 +118,11 @@ async fn read_line(
         .context("a peer exited")
 }
 
-/// Sends `command` to every peer and waits for every "DONE"; returns the wall time in seconds.
+/// Sends `command` to every peer and waits for every "DONE"; returns the longest time a peer reported (the
+/// peers time only the exchange itself, not preparing their buffers), or the wall time when none reported.
 async fn command_all(children: &mut [Child], command: &str, timeout: Duration) -> anyhow::Result<f64> {
     let started = Instant::now();
+    let mut longest: Option<f64> = None;
     for (_, stdin, _) in children.iter_mut() {
         stdin.write_all(command.as_bytes()).await?;
         stdin.flush().await?;
@@ -130,11 +132,14 @@ async fn command_all(children: &mut [Child], command: &str, timeout: Duration) -
     }
     for (_, _, stdout) in children.iter_mut() {
         let line = read_line(stdout, timeout).await?;
-        if !line.starts_with("DONE") {
+        let Some(rest) = line.strip_prefix("DONE") else {
             bail!("a peer answered `{line}` to `{}`", command.trim());
+        };
+        if let Ok(seconds) = rest.trim().parse::<f64>() {
+            longest = Some(longest.map_or(seconds, |l| l.max(seconds)));
         }
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok(longest.unwrap_or_else(|| started.elapsed().as_secs_f64()))
 }
 
 /// The child side: one peer process.
@@ -189,18 +194,22 @@ pub async fn peer_process(index: usize, peers: usize, values: usize) -> anyhow::
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
             ["RAW"] => {
+                let started = Instant::now();
                 raw = raw_exchange(raw, 2 * values * 4 / peers).await?;
-                println!("DONE");
+                println!("DONE {}", started.elapsed().as_secs_f64());
             }
             ["ROUND", codec, round] => {
                 let codec = Codec::from_id(codec.parse()?)?;
                 let round: u64 = round.parse()?;
+                let tensors = FlatTensors::new(layout.clone(), input.clone())?;
+                let started = Instant::now();
                 let outcome =
-                    one_round(&service, &connector, &members, &keypair, &layout, &input, codec, round).await?;
+                    one_round(&service, &connector, &members, &keypair, &layout, tensors, codec, round).await?;
+                let seconds = started.elapsed().as_secs_f64();
                 if outcome.report.parts_averaged != outcome.report.parts {
                     bail!("peer {index}: round {round} averaged only {:?}", outcome.report);
                 }
-                println!("DONE");
+                println!("DONE {seconds}");
             }
             ["EXIT"] => return Ok(()),
             _ => bail!("unknown command `{line}`"),
@@ -216,7 +225,7 @@ async fn one_round(
     members: &[PeerId],
     keypair: &Keypair,
     layout: &Arc<TensorLayout>,
-    input: &[f32],
+    tensors: FlatTensors,
     codec: Codec,
     round: u64,
 ) -> anyhow::Result<allreduce::Outcome> {
@@ -239,7 +248,6 @@ async fn one_round(
         allreduce_timeout: Duration::from_secs(300),
         ..AllReduceConfig::default()
     };
-    let tensors = FlatTensors::new(layout.clone(), input.to_vec())?;
     let run = allreduce::start(
         service,
         connector.clone(),
