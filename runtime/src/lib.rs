@@ -3,8 +3,10 @@
 //! configuration, the `CollaborativeOptimizer` handle that a trainer calls, and the `colony` command-line
 //! tool. It is the only crate that depends on the actor framework.
 //!
-//! Built so far: [`records`], the pure core of the replicated record store (storage rules, signatures,
-//! typed values, limits). The membership actor that disseminates records comes next.
+//! Built so far: [`records`] (the replicated record store's rules, signatures, typed values, limits, and its
+//! anti-entropy exchange), [`membership`] (SWIM with foca in an actor, joins, failure detection, gossip of
+//! records), [`actors::matchmaker`] (groups for averaging, over the records) and [`averager`] (matchmaking,
+//! load balancing and the all-reduce in one call). The collaborative optimizer comes next.
 
 pub mod actors;
 pub mod averager;

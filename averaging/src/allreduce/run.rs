@@ -271,7 +271,7 @@ async fn drive(
         Err(_) => true,
     };
     report.parts_averaged = collector.averaged;
-    collector.flush_remaining();
+    collector.flush_remaining(&context);
     if timed_out && context.local.is_none() {
         return Err(AllReduceError::Timeout(context.config.allreduce_timeout));
     }
@@ -297,7 +297,9 @@ impl Collector {
     fn new(context: &RunContext, tensors: mpsc::UnboundedSender<TensorReady>) -> Self {
         let count = context.layout.len();
         let mut collector = Self {
-            output: context.local.as_ref().map(|local| local.as_ref().clone()),
+            // Zeroed memory comes from the allocator untouched; each part is written once, from its result
+            // (or from the local values when it has none), so the input is never copied whole.
+            output: context.local.as_ref().map(|local| vec![0.0; local.len()]),
             done: vec![false; context.partition.parts().len()],
             remaining_by_tensor: (0..count).map(|t| context.partition.parts_of_tensor(t).len()).collect(),
             next_tensor: 0,
@@ -317,10 +319,15 @@ impl Collector {
             return;
         }
         let range = context.part_range(part);
-        if let Some(output) = self.output.as_mut() {
+        if let (Some(output), Some(local)) = (self.output.as_mut(), context.local.as_ref()) {
+            let local = &local[range.clone()];
             let target = &mut output[range];
             match &update {
-                PartUpdate::Delta { values, .. } => target.iter_mut().zip(values).for_each(|(x, d)| *x += d),
+                PartUpdate::Delta { values, .. } => {
+                    for ((out, own), delta) in target.iter_mut().zip(local).zip(values) {
+                        *out = own + delta;
+                    }
+                }
                 PartUpdate::Average { values, .. } => target.copy_from_slice(values),
             }
         }
@@ -347,7 +354,15 @@ impl Collector {
     }
 
     /// Parts that never got a result keep local values; hand out what is left.
-    fn flush_remaining(&mut self) {
+    fn flush_remaining(&mut self, context: &RunContext) {
+        if let (Some(output), Some(local)) = (self.output.as_mut(), context.local.as_ref()) {
+            for (part, done) in self.done.iter().enumerate() {
+                if !done {
+                    let range = context.part_range(part);
+                    output[range.clone()].copy_from_slice(&local[range]);
+                }
+            }
+        }
         for remaining in &mut self.remaining_by_tensor {
             *remaining = 0;
         }
