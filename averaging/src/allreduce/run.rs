@@ -69,6 +69,8 @@ impl Drop for AllReduceRun {
 enum PartUpdate {
     /// Add this delta to the local values.
     Delta { part: usize, values: Vec<f32> },
+    /// Add this delta, uncompressed little-endian f32 checked finite, to the local values.
+    RawDelta { part: usize, bytes: Bytes },
     /// The part's average (this peer reduced it).
     Average { part: usize, values: Arc<Vec<f32>> },
 }
@@ -313,7 +315,9 @@ impl Collector {
 
     fn apply(&mut self, context: &RunContext, update: PartUpdate) {
         let part = match &update {
-            PartUpdate::Delta { part, .. } | PartUpdate::Average { part, .. } => *part,
+            PartUpdate::Delta { part, .. } | PartUpdate::RawDelta { part, .. } | PartUpdate::Average { part, .. } => {
+                *part
+            }
         };
         if self.done[part] {
             return;
@@ -326,6 +330,11 @@ impl Collector {
                 PartUpdate::Delta { values, .. } => {
                     for ((out, own), delta) in target.iter_mut().zip(local).zip(values) {
                         *out = own + delta;
+                    }
+                }
+                PartUpdate::RawDelta { bytes, .. } => {
+                    for ((out, own), delta) in target.iter_mut().zip(local).zip(bytes.chunks_exact(4)) {
+                        *out = own + f32::from_le_bytes([delta[0], delta[1], delta[2], delta[3]]);
                     }
                 }
                 PartUpdate::Average { values, .. } => target.copy_from_slice(values),
@@ -506,10 +515,29 @@ async fn receive_results(
                 expected.id()
             ));
         }
-        let values = expected
-            .decode(&payload, context.part_range(part).len())
-            .map_err(|e| format!("result of part {part}: {e}"))?;
-        if updates.send(PartUpdate::Delta { part, values }).is_err() {
+        let len = context.part_range(part).len();
+        let update = if expected == Codec::None {
+            // Uncompressed: checked here and added straight from the received bytes, without a decoded copy.
+            if payload.len() != len * 4 {
+                return Err(format!(
+                    "result of part {part}: {} bytes for {len} values",
+                    payload.len()
+                ));
+            }
+            if let Some(at) = payload
+                .chunks_exact(4)
+                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+            {
+                return Err(format!("result of part {part}: value {at} is not finite"));
+            }
+            PartUpdate::RawDelta { part, bytes: payload }
+        } else {
+            let values = expected
+                .decode(&payload, len)
+                .map_err(|e| format!("result of part {part}: {e}"))?;
+            PartUpdate::Delta { part, values }
+        };
+        if updates.send(update).is_err() {
             return Ok(());
         }
     }
@@ -521,8 +549,8 @@ struct ReducerCore {
     reducer: PartReducer,
     /// First global part index this peer reduces.
     first: usize,
-    /// Per sender slot: its decoded parts (local index → values, codec) waiting for their average.
-    pending: Vec<HashMap<usize, (Vec<f32>, Codec)>>,
+    /// Per sender slot: its parts (local index → values, codec) waiting for their average.
+    pending: Vec<HashMap<usize, (Received, Codec)>>,
     /// Per sender slot: where its results go.
     writers: Vec<Option<mpsc::UnboundedSender<Reply>>>,
     started: Vec<bool>,
@@ -534,8 +562,44 @@ struct ReducerCore {
 struct Reply {
     part: usize,
     average: Arc<Vec<f32>>,
-    own: Vec<f32>,
+    own: Received,
     codec: Codec,
+}
+
+/// A sender's part as the reducer holds it until the average is ready.
+enum Received {
+    /// Decoded from its codec.
+    Decoded(Vec<f32>),
+    /// Uncompressed and aligned: the received bytes themselves.
+    Raw(Bytes),
+}
+
+impl Received {
+    /// `average − self`, the sender's delta.
+    fn delta(self, average: &[f32]) -> Vec<f32> {
+        match self {
+            Received::Decoded(mut own) => {
+                for (own, average) in own.iter_mut().zip(average) {
+                    *own = average - *own;
+                }
+                own
+            }
+            Received::Raw(bytes) => {
+                let own = aligned_f32s(&bytes).expect("raw parts are kept only when aligned");
+                average.iter().zip(own).map(|(average, own)| average - own).collect()
+            }
+        }
+    }
+}
+
+/// `bytes` as f32 values when they can be read in place: little-endian machine, 4-byte aligned, whole values.
+fn aligned_f32s(bytes: &[u8]) -> Option<&[f32]> {
+    if !cfg!(target_endian = "little") || !bytes.len().is_multiple_of(4) || bytes.as_ptr().align_offset(4) != 0 {
+        return None;
+    }
+    // SAFETY: the pointer is 4-byte aligned (checked), the memory holds len/4 whole f32 of initialised bytes,
+    // every bit pattern is a valid f32, and the returned slice borrows `bytes`, which outlives it.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) })
 }
 
 impl ReducerCore {
@@ -753,14 +817,28 @@ async fn read_parts(
             return Err(format!("expected part {part}, got part {got}"));
         }
         let codec = Codec::from_id(codec).map_err(|e| e.to_string())?;
-        let values = codec
-            .decode(&payload, context.part_range(part).len())
-            .map_err(|e| format!("part {part}: {e}"))?;
+        let len = context.part_range(part).len();
+        // Uncompressed aligned parts are accumulated from the received bytes (the reducer checks that every
+        // value is finite); anything else is decoded first.
+        let in_place = (codec == Codec::None)
+            .then(|| aligned_f32s(&payload))
+            .flatten()
+            .filter(|values| values.len() == len)
+            .is_some();
+        let received = if in_place {
+            Received::Raw(payload)
+        } else {
+            Received::Decoded(codec.decode(&payload, len).map_err(|e| format!("part {part}: {e}"))?)
+        };
         let mut core = lock(core);
+        let values = match &received {
+            Received::Raw(bytes) => aligned_f32s(bytes).expect("checked above"),
+            Received::Decoded(values) => values,
+        };
         core.reducer
-            .accumulate(slot, index, &values)
+            .accumulate(slot, index, values)
             .map_err(|e| format!("part {part}: {e}"))?;
-        core.pending[slot].insert(index, (values, codec));
+        core.pending[slot].insert(index, (received, codec));
         core.drain(updates);
     }
     Ok(())
@@ -774,14 +852,12 @@ async fn write_results(
     replies_sent: &std::sync::atomic::AtomicUsize,
     failed: &Notify,
 ) {
-    while let Some(mut reply) = replies.recv().await {
-        for (own, average) in reply.own.iter_mut().zip(reply.average.iter()) {
-            *own = average - *own;
-        }
+    while let Some(reply) = replies.recv().await {
+        let delta = reply.own.delta(&reply.average);
         let payload = if reply.codec == Codec::None && cfg!(target_endian = "little") {
-            Bytes::from_owner(F32Bytes::Owned(reply.own))
+            Bytes::from_owner(F32Bytes::Owned(delta))
         } else {
-            Bytes::from(reply.codec.encode(&reply.own, context.row_len(reply.part)))
+            Bytes::from(reply.codec.encode(&delta, context.row_len(reply.part)))
         };
         let message = ToSender::Averaged {
             index: reply.part as u64,
