@@ -292,21 +292,6 @@ fn partition_edge_cases_with_16_byte_parts() {
 // Load balancing
 // ---------------------------------------------------------------------------------------------------------
 
-#[test]
-fn load_balancing_reference_cases() {
-    assert_eq!(load_balance_peers(100, &[None, None], 0).unwrap(), vec![50, 50]);
-    assert_eq!(load_balance_peers(100, &[None; 5], 0).unwrap(), vec![20; 5]);
-    let zeros_then_unknown = [Some(0.0), Some(0.0), Some(0.0), None, None];
-    assert_eq!(
-        load_balance_peers(100, &zeros_then_unknown, 0).unwrap(),
-        vec![0, 0, 0, 50, 50]
-    );
-    assert_eq!(
-        load_balance_peers(100, &[Some(0.0); 3], 0),
-        Err(BalanceError::NobodyCanReduce { num_peers: 3 })
-    );
-}
-
 /// The None bandwidths replaced by the mean of the positive ones (the test's own computation), or by 1
 /// when none is positive (then the unknown peers are alike).
 fn known_bandwidths(bandwidths: &[Option<f64>]) -> Vec<f64> {

@@ -25,7 +25,6 @@ mod messages;
 mod run;
 mod service;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use colony_transports::PeerId;
@@ -33,12 +32,12 @@ use colony_transports::rpc::StreamConfig;
 use thiserror::Error;
 
 pub use messages::{Refusal, ToReducer, ToSender};
-pub use run::{AllReduceRun, TensorReady};
+pub use run::{AllReduceRun, TensorReady, start};
 pub use service::{AllReduceService, ServiceConfig, protocol};
 
 use crate::codec::CodecPolicy;
 use crate::partition::PartitionError;
-use crate::tensor::{FlatTensors, TensorLayout};
+use crate::tensor::FlatTensors;
 
 /// A group's id, chosen at random by its leader.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -226,19 +225,4 @@ impl GroupPlan {
             .map(|m| if m.mode == PeerMode::Client { 0.0 } else { m.share })
             .collect()
     }
-}
-
-/// Starts this peer's part of a round. `tensors` are this peer's values (required unless it is an
-/// auxiliary); `layout` must be the group's layout. The run proceeds in the background; see
-/// [`AllReduceRun`].
-pub fn start(
-    service: &AllReduceService,
-    connector: Arc<dyn crate::net::Connector>,
-    plan: GroupPlan,
-    me: PeerId,
-    layout: Arc<TensorLayout>,
-    tensors: Option<FlatTensors>,
-    config: AllReduceConfig,
-) -> Result<AllReduceRun, AllReduceError> {
-    run::start(service, connector, plan, me, layout, tensors, config)
 }

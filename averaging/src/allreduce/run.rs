@@ -110,7 +110,10 @@ impl RunContext {
     }
 }
 
-pub(super) fn start(
+/// Starts this peer's part of a round. `tensors` are this peer's values (required unless it is an
+/// auxiliary); `layout` must be the group's layout. The run proceeds in the background; see
+/// [`AllReduceRun`].
+pub fn start(
     service: &AllReduceService,
     connector: Arc<dyn Connector>,
     plan: GroupPlan,
