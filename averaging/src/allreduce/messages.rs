@@ -2,9 +2,9 @@
 //!
 //! A sender opens one stream per reducer. Sender → reducer: [`ToReducer::Begin`] (which group), then one
 //! [`ToReducer::Part`] per part the reducer owns, in order, each with the encoded values as the frame's raw
-//! payload. Reducer → sender: one [`ToSender::Averaged`] per part, in order, whose payload is
-//! `average − the sender's decoded part` in the codec the sender used; or one [`ToSender::Refused`] that
-//! ends the stream.
+//! payload. Reducer → sender: one [`ToSender::Averaged`] per part, in order, whose payload is the average
+//! itself for an uncompressed part, else `average − the sender's decoded part` in the codec the sender used;
+//! or one [`ToSender::Refused`] that ends the stream.
 
 /// Frames from a sender to a reducer.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -26,7 +26,7 @@ pub enum ToReducer {
 /// Frames from a reducer to a sender.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ToSender {
-    /// The averaged part, as a delta to the sender's own values, in the codec the sender used.
+    /// The averaged part: the average for codec `none`, else a delta to the sender's own values in its codec.
     Averaged {
         /// Global part index.
         index: u64,

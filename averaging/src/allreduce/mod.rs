@@ -5,7 +5,8 @@
 //! per other reducer and streams it the parts it owns, encoded with the codec its [`CodecPolicy`] picks for
 //! the tensor; the reducer accumulates `Σ w·part / Σ w` part by part ([`crate::reducer::PartReducer`]) and
 //! streams back `average − the sender's decoded part` in the same codec, so a sender's own compression
-//! error cancels for its own contribution. A peer's own parts are reduced locally, without encoding.
+//! error cancels for its own contribution (an uncompressed part has no such error: its senders all get the
+//! average itself, the same bytes). A peer's own parts are reduced locally, without encoding.
 //! Sending and receiving overlap; a sender that reduces nothing (a client) reads its results only after it
 //! has sent everything, so a slow uplink is not also asked to carry acknowledgements.
 //!

@@ -69,8 +69,8 @@ impl Drop for AllReduceRun {
 enum PartUpdate {
     /// Add this delta to the local values.
     Delta { part: usize, values: Vec<f32> },
-    /// Add this delta, uncompressed little-endian f32 checked finite, to the local values.
-    RawDelta { part: usize, bytes: Bytes },
+    /// The part's average, uncompressed little-endian f32 checked finite, as received.
+    RawAverage { part: usize, bytes: Bytes },
     /// The part's average (this peer reduced it).
     Average { part: usize, values: Arc<Vec<f32>> },
 }
@@ -318,7 +318,7 @@ impl Collector {
 
     fn apply(&mut self, context: &RunContext, update: PartUpdate) {
         let part = match &update {
-            PartUpdate::Delta { part, .. } | PartUpdate::RawDelta { part, .. } | PartUpdate::Average { part, .. } => {
+            PartUpdate::Delta { part, .. } | PartUpdate::RawAverage { part, .. } | PartUpdate::Average { part, .. } => {
                 *part
             }
         };
@@ -335,9 +335,9 @@ impl Collector {
                         *out = own + delta;
                     }
                 }
-                PartUpdate::RawDelta { bytes, .. } => {
-                    for ((out, own), delta) in target.iter_mut().zip(local).zip(bytes.chunks_exact(4)) {
-                        *out = own + f32::from_le_bytes([delta[0], delta[1], delta[2], delta[3]]);
+                PartUpdate::RawAverage { bytes, .. } => {
+                    for (out, average) in target.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *out = f32::from_le_bytes([average[0], average[1], average[2], average[3]]);
                     }
                 }
                 PartUpdate::Average { values, .. } => target.copy_from_slice(values),
@@ -520,7 +520,8 @@ async fn receive_results(
         }
         let len = context.part_range(part).len();
         let update = if expected == Codec::None {
-            // Uncompressed: checked here and added straight from the received bytes, without a decoded copy.
+            // Uncompressed: the average itself (no compression error to cancel), checked here and copied
+            // straight from the received bytes.
             if payload.len() != len * 4 {
                 return Err(format!(
                     "result of part {part}: {} bytes for {len} values",
@@ -533,7 +534,7 @@ async fn receive_results(
             {
                 return Err(format!("result of part {part}: value {at} is not finite"));
             }
-            PartUpdate::RawDelta { part, bytes: payload }
+            PartUpdate::RawAverage { part, bytes: payload }
         } else {
             let values = expected
                 .decode(&payload, len)
@@ -569,30 +570,13 @@ struct Reply {
     codec: Codec,
 }
 
-/// A sender's part as the reducer holds it until the average is ready.
+/// What the reducer keeps of a sender's part until the average is ready.
 enum Received {
-    /// Decoded from its codec.
-    Decoded(Vec<f32>),
-    /// Uncompressed and aligned: the received bytes themselves.
-    Raw(Bytes),
-}
-
-impl Received {
-    /// `average − self`, the sender's delta.
-    fn delta(self, average: &[f32]) -> Vec<f32> {
-        match self {
-            Received::Decoded(mut own) => {
-                for (own, average) in own.iter_mut().zip(average) {
-                    *own = average - *own;
-                }
-                own
-            }
-            Received::Raw(bytes) => {
-                let own = aligned_f32s(&bytes).expect("raw parts are kept only when aligned");
-                average.iter().zip(own).map(|(average, own)| average - own).collect()
-            }
-        }
-    }
+    /// A compressed part, decoded: the sender gets `average − this` in its codec, so its own compression
+    /// error cancels.
+    Compressed(Vec<f32>),
+    /// An uncompressed part: the sender gets the average itself, the same bytes for every sender.
+    Uncompressed,
 }
 
 /// `bytes` as f32 values when they can be read in place: little-endian machine, 4-byte aligned, whole values.
@@ -826,28 +810,27 @@ async fn read_parts(
         let in_place = (codec == Codec::None)
             .then(|| aligned_f32s(&payload))
             .flatten()
-            .filter(|values| values.len() == len)
-            .is_some();
-        let received = if in_place {
-            Received::Raw(payload)
-        } else {
-            Received::Decoded(codec.decode(&payload, len).map_err(|e| format!("part {part}: {e}"))?)
+            .filter(|values| values.len() == len);
+        let decoded = match in_place {
+            Some(_) => None,
+            None => Some(codec.decode(&payload, len).map_err(|e| format!("part {part}: {e}"))?),
         };
+        let values = in_place.or(decoded.as_deref()).expect("one of the two is set");
         let mut core = lock(core);
-        let values = match &received {
-            Received::Raw(bytes) => aligned_f32s(bytes).expect("checked above"),
-            Received::Decoded(values) => values,
-        };
         core.reducer
             .accumulate(slot, index, values)
             .map_err(|e| format!("part {part}: {e}"))?;
+        let received = match decoded {
+            Some(values) if codec != Codec::None => Received::Compressed(values),
+            _ => Received::Uncompressed,
+        };
         core.pending[slot].insert(index, (received, codec));
         core.drain(updates);
     }
     Ok(())
 }
 
-/// Streams one sender's results back as deltas in its codec.
+/// Streams one sender's results back: the average for uncompressed parts, else the delta in its codec.
 async fn write_results(
     context: &RunContext,
     mut send: FramedSend,
@@ -856,11 +839,15 @@ async fn write_results(
     failed: &Notify,
 ) {
     while let Some(reply) = replies.recv().await {
-        let delta = reply.own.delta(&reply.average);
-        let payload = if reply.codec == Codec::None && cfg!(target_endian = "little") {
-            Bytes::from_owner(F32Bytes::Owned(delta))
-        } else {
-            Bytes::from(reply.codec.encode(&delta, context.row_len(reply.part)))
+        let row_len = context.row_len(reply.part);
+        let payload = match reply.own {
+            Received::Uncompressed => encode_part(Codec::None, &reply.average, 0..reply.average.len(), row_len),
+            Received::Compressed(mut own) => {
+                for (own, average) in own.iter_mut().zip(reply.average.iter()) {
+                    *own = average - *own;
+                }
+                Bytes::from(reply.codec.encode(&own, row_len))
+            }
         };
         let message = ToSender::Averaged {
             index: reply.part as u64,
@@ -888,24 +875,18 @@ async fn write_results(
 /// the frame carries them without a copy.
 fn encode_part(codec: Codec, values: &Arc<Vec<f32>>, range: Range<usize>, row_len: usize) -> Bytes {
     if codec == Codec::None && cfg!(target_endian = "little") {
-        Bytes::from_owner(F32Bytes::Shared(values.clone(), range))
+        Bytes::from_owner(F32Bytes(values.clone(), range))
     } else {
         Bytes::from(codec.encode(&values[range], row_len))
     }
 }
 
 /// f32 values seen as their little-endian bytes (the `none` codec's wire layout on a little-endian machine).
-enum F32Bytes {
-    Shared(Arc<Vec<f32>>, Range<usize>),
-    Owned(Vec<f32>),
-}
+struct F32Bytes(Arc<Vec<f32>>, Range<usize>);
 
 impl AsRef<[u8]> for F32Bytes {
     fn as_ref(&self) -> &[u8] {
-        let values: &[f32] = match self {
-            F32Bytes::Shared(values, range) => &values[range.clone()],
-            F32Bytes::Owned(values) => values,
-        };
+        let values = &self.0[self.1.clone()];
         // SAFETY: an f32 slice is valid, initialised memory of `4 * len` bytes; u8 has alignment 1 and every
         // byte pattern is a valid u8, and the borrow keeps `self` (the owner) alive for the slice's lifetime.
         unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
