@@ -679,3 +679,60 @@ async fn fault_both_fail_reducing() {
 async fn fault_client_cancels() {
     repeat_fault(Scenario::None, Scenario::Fault(Fault::Cancel)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_leaves_and_the_others_finish() {
+    let peers = peers(3, Net::Mem, Duration::from_millis(500)).await;
+    let layout = Arc::new(TensorLayout::new(vec![TensorInfo::new("x", [256, 1024])]).unwrap());
+    let mut rng = Rng(31);
+    let inputs: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..256 * 1024).map(|_| rng.normal()).collect())
+        .collect();
+    let plan = plan(&peers, &[PeerMode::Node; 3], &[1.0; 3], 13);
+    let config = AllReduceConfig {
+        part_size_bytes: 16 * 1024,
+        sender_timeout: Duration::from_millis(500),
+        reducer_timeout: Duration::from_millis(1000),
+        allreduce_timeout: Duration::from_secs(10),
+        ..AllReduceConfig::default()
+    };
+    let mut runs = Vec::new();
+    for (index, peer) in peers.iter().enumerate() {
+        let tensors = FlatTensors::new(layout.clone(), inputs[index].clone()).unwrap();
+        runs.push(
+            allreduce::start(
+                &peer.service,
+                peer.endpoint.connector(),
+                plan.clone(),
+                peer.id(),
+                layout.clone(),
+                Some(tensors),
+                config.clone(),
+            )
+            .unwrap(),
+        );
+    }
+    let cancelled = runs.pop().unwrap();
+    cancelled.cancel();
+    assert!(matches!(
+        cancelled.finish().await,
+        Err(allreduce::AllReduceError::Cancelled)
+    ));
+    let started = std::time::Instant::now();
+    for (index, run) in runs.into_iter().enumerate() {
+        let outcome = run.finish().await.unwrap();
+        assert!(!outcome.report.timed_out, "peer {index} timed out");
+        let report = &outcome.report;
+        assert!(
+            report.failed_reducers.contains(&peers[2].id()) && report.dropped_senders.contains(&peers[2].id()),
+            "peer {index} did not notice the cancelled peer: {report:?}"
+        );
+        // Values are finite and each is either averaged (with or without the cancelled peer) or local.
+        assert!(outcome.tensors.unwrap().as_slice().iter().all(|v| v.is_finite()));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the others took {:?}",
+        started.elapsed()
+    );
+}
