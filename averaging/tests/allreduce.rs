@@ -51,6 +51,27 @@ impl Peer {
     fn id(&self) -> PeerId {
         self.keypair.peer_id()
     }
+
+    /// Starts this peer's run of `plan` with `values` (`None` for an auxiliary).
+    fn start(
+        &self,
+        plan: &GroupPlan,
+        layout: &Arc<TensorLayout>,
+        values: Option<&[f32]>,
+        config: AllReduceConfig,
+    ) -> allreduce::AllReduceRun {
+        let tensors = values.map(|v| FlatTensors::new(layout.clone(), v.to_vec()).unwrap());
+        allreduce::start(
+            &self.service,
+            self.endpoint.connector(),
+            plan.clone(),
+            self.id(),
+            layout.clone(),
+            tensors,
+            config,
+        )
+        .unwrap()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -136,22 +157,12 @@ async fn run_round(
             handles.push(None);
             continue;
         }
-        let tensors = (plan.members[index].mode != PeerMode::Auxiliary)
-            .then(|| FlatTensors::new(layout.clone(), inputs[index].clone()).unwrap());
+        let values = (plan.members[index].mode != PeerMode::Auxiliary).then_some(inputs[index].as_slice());
         let config = AllReduceConfig {
             fault: faults[index],
             ..config.clone()
         };
-        let run = allreduce::start(
-            &peer.service,
-            peer.endpoint.connector(),
-            plan.clone(),
-            peer.id(),
-            layout.clone(),
-            tensors,
-            config,
-        )
-        .unwrap();
+        let run = peer.start(plan, layout, values, config);
         handles.push(Some(tokio::spawn(run.finish())));
     }
     handles
@@ -323,22 +334,11 @@ async fn tensors_are_delivered_in_order_as_they_complete() {
         part_size_bytes: 1024,
         ..AllReduceConfig::default()
     };
-    let mut runs = Vec::new();
-    for (index, peer) in peers.iter().enumerate() {
-        let tensors = FlatTensors::new(layout.clone(), inputs[index].clone()).unwrap();
-        runs.push(
-            allreduce::start(
-                &peer.service,
-                peer.endpoint.connector(),
-                plan.clone(),
-                peer.id(),
-                layout.clone(),
-                Some(tensors),
-                config.clone(),
-            )
-            .unwrap(),
-        );
-    }
+    let mut runs: Vec<_> = peers
+        .iter()
+        .zip(&inputs)
+        .map(|(peer, input)| peer.start(&plan, &layout, Some(input), config.clone()))
+        .collect();
     let expected = weighted_mean(&inputs, &[1.0; 3], &[true; 3]);
     for run in runs.iter_mut() {
         for index in 0..layout.len() {
@@ -383,16 +383,7 @@ async fn eight_peers_in_pairs_reach_the_global_mean_in_three_rounds() {
                     })
                     .collect(),
             };
-            let run = allreduce::start(
-                &peers[index].service,
-                peers[index].endpoint.connector(),
-                plan,
-                peers[index].id(),
-                layout.clone(),
-                Some(FlatTensors::new(layout.clone(), values[index].clone()).unwrap()),
-                AllReduceConfig::default(),
-            )
-            .unwrap();
+            let run = peers[index].start(&plan, &layout, Some(&values[index]), AllReduceConfig::default());
             handles.push(tokio::spawn(run.finish()));
         }
         for (index, handle) in handles.into_iter().enumerate() {
@@ -696,22 +687,11 @@ async fn a_cancelled_run_leaves_and_the_others_finish() {
         allreduce_timeout: Duration::from_secs(10),
         ..AllReduceConfig::default()
     };
-    let mut runs = Vec::new();
-    for (index, peer) in peers.iter().enumerate() {
-        let tensors = FlatTensors::new(layout.clone(), inputs[index].clone()).unwrap();
-        runs.push(
-            allreduce::start(
-                &peer.service,
-                peer.endpoint.connector(),
-                plan.clone(),
-                peer.id(),
-                layout.clone(),
-                Some(tensors),
-                config.clone(),
-            )
-            .unwrap(),
-        );
-    }
+    let mut runs: Vec<_> = peers
+        .iter()
+        .zip(&inputs)
+        .map(|(peer, input)| peer.start(&plan, &layout, Some(input), config.clone()))
+        .collect();
     let cancelled = runs.pop().unwrap();
     cancelled.cancel();
     assert!(matches!(
