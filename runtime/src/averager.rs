@@ -251,6 +251,12 @@ impl Averager {
 
     /// The all-reduce plan every member derives identically from the group.
     fn plan(&self, group: &GroupInfo) -> Result<GroupPlan, AveragerError> {
+        if group.gathered.len() != group.members.len() {
+            return Err(AveragerError::BadGather {
+                member: group.gathered.len().min(group.members.len()),
+                reason: "the group's gather list does not match its members".into(),
+            });
+        }
         let mut members = Vec::with_capacity(group.members.len());
         let mut bandwidths = Vec::with_capacity(group.members.len());
         for (index, (peer, gathered)) in group.members.iter().zip(&group.gathered).enumerate() {
@@ -262,12 +268,6 @@ impl Averager {
                 mode,
                 weight,
                 share: 0.0,
-            });
-        }
-        if group.gathered.len() != group.members.len() {
-            return Err(AveragerError::BadGather {
-                member: group.gathered.len().min(group.members.len()),
-                reason: "the group's gather list does not match its members".into(),
             });
         }
         let shares = load_balance_peers(self.layout.total_values(), &bandwidths, self.config.min_vector_size)?;
