@@ -11,4 +11,5 @@
 pub mod actors;
 pub mod averager;
 pub mod membership;
+pub mod progress;
 pub mod records;
