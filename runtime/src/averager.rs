@@ -111,6 +111,29 @@ pub enum AveragerError {
     BadInput(String),
 }
 
+/// How [`Averager::find_group`] looks for a group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupOptions {
+    /// How long to look before failing.
+    pub timeout: Duration,
+    /// When this peer intends to start averaging, on the run's clock (`None`: after the matchmaking
+    /// window); a group that reaches its expected size starts earlier.
+    pub scheduled_start: Option<f64>,
+    /// How many peers are expected in the group, this one included, when the caller knows.
+    pub expected_group_size: Option<usize>,
+}
+
+impl GroupOptions {
+    /// Look for at most `timeout`, with no schedule and no expected size.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            scheduled_start: None,
+            expected_group_size: None,
+        }
+    }
+}
+
 /// A finished step: the group and the all-reduce's outcome.
 #[derive(Debug)]
 pub struct Averaged {
@@ -218,7 +241,50 @@ impl Averager {
         weight: f32,
         timeout: Duration,
     ) -> Result<Averaged, AveragerError> {
-        if let Some(tensors) = &tensors
+        self.check_tensors(tensors.as_ref())?;
+        let group = self.find_group(weight, GroupOptions::new(timeout)).await?;
+        let outcome = self.average_in(&group, tensors).await?;
+        Ok(Averaged { group, outcome })
+    }
+
+    /// The first half of [`Averager::step`]: finds a group, telling it this peer's `weight`. Lets a caller
+    /// match ahead of time (while its tensors are still being computed) and average later with
+    /// [`Averager::average_in`]; the other members' all-reduce waits for this peer's parts up to their
+    /// sender timeout. Dropping the future cancels the search.
+    pub async fn find_group(&self, weight: f32, options: GroupOptions) -> Result<GroupInfo, AveragerError> {
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(AveragerError::BadInput(format!(
+                "weight {weight}; weights are finite and non-negative"
+            )));
+        }
+        let weight = if self.mode == PeerMode::Auxiliary { 0.0 } else { weight };
+        let mut request = GroupRequest::new(self.layout.schema_hash(), options.timeout);
+        request.gather = encode_gather(self.mode, weight, self.config.bandwidth);
+        request.client_mode = self.mode == PeerMode::Client;
+        request.scheduled_start = options.scheduled_start;
+        request.expected_group_size = options.expected_group_size;
+        Ok(self.matchmaker.look_for_group(request).await?)
+    }
+
+    /// The second half of [`Averager::step`]: averages `tensors` (`None` for an auxiliary) with `group`,
+    /// found by [`Averager::find_group`]. Dropping the future cancels the all-reduce.
+    pub async fn average_in(&self, group: &GroupInfo, tensors: Option<FlatTensors>) -> Result<Outcome, AveragerError> {
+        self.check_tensors(tensors.as_ref())?;
+        let plan = self.plan(group)?;
+        let run = allreduce::start(
+            &self.services.allreduce,
+            self.membership.connector(),
+            plan,
+            self.membership.local_peer(),
+            self.layout.clone(),
+            tensors,
+            self.config.allreduce.clone(),
+        )?;
+        Ok(run.finish().await?)
+    }
+
+    fn check_tensors(&self, tensors: Option<&FlatTensors>) -> Result<(), AveragerError> {
+        if let Some(tensors) = tensors
             && **tensors.layout() != *self.layout
         {
             return Err(AveragerError::BadInput(
@@ -230,23 +296,12 @@ impl Averager {
                 "only an auxiliary peer averages without tensors".into(),
             ));
         }
-        let weight = if self.mode == PeerMode::Auxiliary { 0.0 } else { weight };
-        let mut request = GroupRequest::new(self.layout.schema_hash(), timeout);
-        request.gather = encode_gather(self.mode, weight, self.config.bandwidth);
-        request.client_mode = self.mode == PeerMode::Client;
-        let group = self.matchmaker.look_for_group(request).await?;
-        let plan = self.plan(&group)?;
-        let run = allreduce::start(
-            &self.services.allreduce,
-            self.membership.connector(),
-            plan,
-            self.membership.local_peer(),
-            self.layout.clone(),
-            tensors,
-            self.config.allreduce.clone(),
-        )?;
-        let outcome = run.finish().await?;
-        Ok(Averaged { group, outcome })
+        Ok(())
+    }
+
+    /// The tensors' layout.
+    pub fn layout(&self) -> &Arc<TensorLayout> {
+        &self.layout
     }
 
     /// The all-reduce plan every member derives identically from the group.

@@ -9,9 +9,10 @@
 //!
 //! The rules, in the order they are checked after every input ([`Search`]'s `step`):
 //!
-//! 1. A leader whose group reached `target_group_size` assembles at once. It does not while it waits for
-//!    the answer of a better leader (at most `request_timeout`): if that leader accepts it, its own
-//!    followers are sent there instead; so no peer ends up in two groups.
+//! 1. A leader whose group reached `target_group_size` (or the caller's expected group size, if smaller)
+//!    assembles at once. It does not while it waits for the answer of a better leader (at most
+//!    `request_timeout`): if that leader accepts it, its own followers are sent there instead; so no peer
+//!    ends up in two groups.
 //! 2. At its declared time a leader assembles with at least `min_group_size`, else disbands its followers
 //!    and declares again with a later time.
 //! 3. At the deadline a leader with enough followers assembles; otherwise the search fails with
@@ -53,6 +54,11 @@ pub struct SearchRequest {
     pub deadline: Time,
     /// Client mode: the peer never declares or leads; it only joins leaders.
     pub client_mode: bool,
+    /// How many peers the caller expects to average with now (itself included), when it knows (the
+    /// collaborative optimizer counts the peers at its epoch): a leader assembles as soon as its group
+    /// reaches this size, below `target_group_size`, instead of waiting for its declared time. `None`:
+    /// only `target_group_size` counts.
+    pub expected_group_size: Option<usize>,
 }
 
 /// What the shell must do for the search.
@@ -426,10 +432,12 @@ impl Search {
     }
 
     fn target(&self) -> usize {
-        self.config
-            .target_group_size
-            .unwrap_or(MAX_GROUP_SIZE)
-            .min(MAX_GROUP_SIZE)
+        let configured = self.config.target_group_size.unwrap_or(MAX_GROUP_SIZE);
+        let expected = self
+            .request
+            .expected_group_size
+            .map_or(MAX_GROUP_SIZE, |expected| expected.max(self.config.min_group_size));
+        configured.min(expected).min(MAX_GROUP_SIZE)
     }
 
     /// The expiration this peer would declare now.

@@ -38,6 +38,7 @@ fn request(deadline: Time) -> SearchRequest {
         scheduled_start: None,
         deadline,
         client_mode: false,
+        expected_group_size: None,
     }
 }
 
@@ -1030,6 +1031,28 @@ fn four_peers_with_target_four_form_one_group_at_once() {
             assert_eq!(PeerId::from_bytes([100 - gathered[0]; 32]), *member);
         }
     }
+}
+
+#[test]
+fn with_no_target_an_expected_group_size_assembles_as_soon_as_everyone_joined() {
+    let mut list = peers(3, |_| "grads.0b".into(), T0 + 30.0);
+    for (_, _, request) in &mut list {
+        request.expected_group_size = Some(3);
+    }
+    let mut sim = Simulation::new(&as_refs(&list), &config(2, None));
+    assert_eq!(sim.results.len(), 3, "assembled without waiting for the declared time");
+    assert!(sim.now < T0 + 0.01);
+    sim.finish();
+    let groups: Vec<&GroupInfo> = sim.results.values().map(|r| r.as_ref().unwrap()).collect();
+    assert!(groups.iter().all(|g| g.len() == 3 && g.group_id == groups[0].group_id));
+
+    // Without it the same peers wait for the leader's declared time (the matchmaking window).
+    let list = peers(3, |_| "grads.0b".into(), T0 + 30.0);
+    let mut sim = Simulation::new(&as_refs(&list), &config(2, None));
+    assert!(sim.results.is_empty());
+    sim.finish();
+    assert!(sim.now >= T0 + 5.0);
+    assert!(sim.results.values().all(|r| r.as_ref().unwrap().len() == 3));
 }
 
 #[test]

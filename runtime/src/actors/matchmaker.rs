@@ -94,6 +94,9 @@ pub struct GroupRequest {
     pub timeout: Duration,
     /// Join leaders only, never lead (for peers others cannot dial). Always on for a client-mode member.
     pub client_mode: bool,
+    /// How many peers the caller expects in its group, itself included, when it knows: a group that
+    /// reaches it assembles at once (see `SearchRequest::expected_group_size`).
+    pub expected_group_size: Option<usize>,
 }
 
 impl GroupRequest {
@@ -105,15 +108,18 @@ impl GroupRequest {
             scheduled_start: None,
             timeout,
             client_mode: false,
+            expected_group_size: None,
         }
     }
 }
 
-type Slot = Arc<RwLock<Option<Addr<MatchmakerActor>>>>;
+/// The matchmakers bound to a service, by group key prefix.
+type Slot = Arc<RwLock<HashMap<String, Addr<MatchmakerActor>>>>;
 
-/// The protocol side of a [`Matchmaker`]: registered on membership's router at start, and bound to the
-/// matchmaker once it exists. Until then (and after it shuts down) join requests are answered
-/// `NotLookingForGroup`.
+/// The protocol side of the [`Matchmaker`]s of a peer: registered on membership's router at start, and
+/// bound to each matchmaker once it exists. One service serves every matchmaker of the peer (gradients,
+/// state...): a join request goes to the matchmaker whose prefix starts its group key. Until one is bound
+/// (and after it shuts down) requests for its prefix are answered `NotLookingForGroup`.
 #[derive(Clone, Default)]
 pub struct MatchmakingService {
     slot: Slot,
@@ -132,12 +138,17 @@ impl MatchmakingService {
         router.stream(protocol(), move |incoming| serve_join(service.clone(), incoming));
     }
 
-    fn bound(&self) -> Option<Addr<MatchmakerActor>> {
-        self.slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn bound(&self, group_key: &str) -> Option<Addr<MatchmakerActor>> {
+        let prefix = group_key.split('.').next().unwrap_or_default();
+        self.slot.read().unwrap_or_else(|p| p.into_inner()).get(prefix).cloned()
     }
 
-    fn bind(&self, actor: Option<Addr<MatchmakerActor>>) {
-        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = actor;
+    fn bind(&self, prefix: &str, actor: Option<Addr<MatchmakerActor>>) {
+        let mut slot = self.slot.write().unwrap_or_else(|p| p.into_inner());
+        match actor {
+            Some(actor) => slot.insert(prefix.to_owned(), actor),
+            None => slot.remove(prefix),
+        };
     }
 }
 
@@ -149,6 +160,7 @@ pub struct Matchmaker {
     subscription: JoinHandle<()>,
     membership: Membership,
     request_timeout: Duration,
+    prefix: String,
 }
 
 impl Matchmaker {
@@ -168,6 +180,12 @@ impl Matchmaker {
         let keys = GroupKeyManager::new(&config.prefix, &config.initial_group_bits, config.target_group_size)
             .map_err(|e| MatchmakingError::InvalidConfig(e.to_string()))?;
         let keys = Arc::new(Mutex::new(keys));
+        let prefix = config.prefix.clone();
+        if service.bound(&prefix).is_some_and(|running| running.connected()) {
+            return Err(MatchmakingError::InvalidConfig(format!(
+                "another matchmaker of this peer already uses the prefix {prefix:?}; give each averager its own"
+            )));
+        }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| MatchmakingError::InvalidConfig("Matchmaker::start must run inside a tokio runtime".into()))?;
         // Subscribed before anything is read, so that no declaration falls between a read and the
@@ -199,7 +217,7 @@ impl Matchmaker {
                 }
             }
         });
-        service.bind(Some(actor.clone()));
+        service.bind(&prefix, Some(actor.clone()));
         Ok(Self {
             actor,
             service: service.clone(),
@@ -207,6 +225,7 @@ impl Matchmaker {
             subscription,
             membership: membership.clone(),
             request_timeout,
+            prefix,
         })
     }
 
@@ -269,7 +288,7 @@ impl Matchmaker {
     /// told it was cancelled), every stream and task of the matchmaker stops, and join requests are answered
     /// `NotLookingForGroup` from now on.
     pub fn shutdown(&self) {
-        self.service.bind(None);
+        self.service.bind(&self.prefix, None);
         self.subscription.abort();
         self.actor.do_send(Stop);
     }
@@ -412,6 +431,7 @@ impl MatchmakerActor {
                 scheduled_start: request.scheduled_start,
                 deadline,
                 client_mode,
+                expected_group_size: request.expected_group_size,
             },
             seed,
             known,
@@ -649,7 +669,7 @@ async fn serve_join(service: MatchmakingService, mut incoming: IncomingStream) -
     let Ok(request) = JoinRequest::from_wire(header, gather) else {
         return answer(&mut incoming, &MessageFromLeader::code(MessageCode::ProtocolViolation)).await;
     };
-    let Some(actor) = service.bound() else {
+    let Some(actor) = service.bound(&request.group_key) else {
         return answer(&mut incoming, &MessageFromLeader::code(MessageCode::NotLookingForGroup)).await;
     };
     let token = service.tokens.fetch_add(1, Ordering::Relaxed);
