@@ -9,6 +9,7 @@ pub mod allreduce;
 pub mod codecs;
 pub mod matchmaking;
 pub mod membership;
+pub mod optimizer;
 pub mod transport;
 
 use serde::Serialize;

@@ -17,6 +17,9 @@ enum Suite {
     Codecs,
     /// Butterfly all-reduce among peer processes over loopback tcp, against raw TCP doing the same exchange.
     Allreduce,
+    /// CPU optimizer steps (adam, adamw, sgd-momentum, lamb) and axpy on --values parameters (default 64 Mi),
+    /// best of --repeat (default 3), against a memory-bandwidth triad.
+    Optimizer,
     /// One peer process of the all-reduce suite (started by it).
     #[value(hide = true)]
     AllreducePeer,
@@ -87,6 +90,11 @@ fn main() -> anyhow::Result<()> {
         }
         Suite::Codecs => bench::codecs::run(
             args.values.unwrap_or(16 << 20),
+            args.repeat.unwrap_or(3).max(1),
+            args.case.as_deref(),
+        )?,
+        Suite::Optimizer => bench::optimizer::run(
+            args.values.unwrap_or(64 << 20),
             args.repeat.unwrap_or(3).max(1),
             args.case.as_deref(),
         )?,

@@ -1,0 +1,191 @@
+//! `bench -- optimizer`: how fast `colony-offload`'s CPU optimizers step, in parameters per second, against the
+//! rate the machine's memory bandwidth allows for the bytes each rule must move.
+//!
+//! Parameters and gradients are `randn(values)` (64 Mi values, 256 MiB each, by default) from fixed seeds; every
+//! optimizer keeps its state between rounds, as in training. Round 0 is an untimed warm-up that touches every
+//! buffer; then cases take turns in each of `repeat` rounds and the best round is reported.
+//!
+//! The bound is a STREAM-like triad (`a[i] = b[i] + s · c[i]`, [`colony_offload::kernels::triad`]: the same
+//! rayon chunking as the optimizers) over three arrays as large together as Adam's four, counted as STREAM
+//! does: 12 bytes per value. A case's bound is that byte rate divided by the bytes it moves per parameter:
+//!
+//! | case           | reads             | writes    | bytes |
+//! |----------------|-------------------|-----------|-------|
+//! | `adam`, `adamw`| p, g, m, v        | p, m, v   | 28    |
+//! | `sgd-momentum` | p, g, buf         | p, buf    | 20    |
+//! | `lamb`         | p, g, m, v; p, m, v | m, v; p | 40 (two passes) |
+//! | `axpy`         | y, x              | y         | 12    |
+//!
+//! A ratio of 1 means the step runs at the triad's memory speed. (STREAM's count ignores the read that a
+//! cache fills before a write, which the triad pays for `a` and the optimizers do not, since they read what they
+//! write; a ratio slightly above 1 is therefore possible.)
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use colony_offload::kernels::{axpy, triad};
+use colony_offload::{CpuOptimizer, OptimizerConfig};
+
+use super::Measurement;
+
+const SUITE: &str = "optimizer";
+const SEED: u64 = 5113;
+/// Bytes per value of the triad, as STREAM counts them.
+const TRIAD_BYTES: f64 = 12.0;
+/// The learning rate of every case: small, so that repeated steps keep the parameters finite.
+const LR: f32 = 1e-4;
+
+/// The cases, with the bytes each moves per parameter.
+const CASES: [(&str, f64); 5] = [
+    ("adam", 28.0),
+    ("adamw", 28.0),
+    ("sgd-momentum", 20.0),
+    ("lamb", 40.0),
+    ("axpy", 12.0),
+];
+
+/// What a case runs each round.
+enum Work {
+    Step(Box<CpuOptimizer>),
+    Axpy,
+}
+
+/// Runs the suite on `values` parameters: every case (or only the one named `only`), best of `repeat` rounds,
+/// with the triad bound always measured.
+pub fn run(values: usize, repeat: usize, only: Option<&str>) -> anyhow::Result<Vec<Measurement>> {
+    if values == 0 {
+        bail!("the optimizer suite needs at least one parameter");
+    }
+    let cases: Vec<(&str, f64)> = match only {
+        None => CASES.to_vec(),
+        Some(name) => vec![*CASES.iter().find(|(case, _)| *case == name).with_context(|| {
+            let names: Vec<&str> = CASES.iter().map(|(case, _)| *case).collect();
+            format!("the optimizer suite has the cases {}, not {name}", names.join(", "))
+        })?],
+    };
+    let mut work = Vec::with_capacity(cases.len());
+    for &(name, _) in &cases {
+        let config = match name {
+            "adam" => OptimizerConfig::adam(LR, values),
+            "adamw" => OptimizerConfig::adamw(LR, 0.01, values),
+            "sgd-momentum" => OptimizerConfig::sgd(LR, 0.9, values),
+            "lamb" => OptimizerConfig::lamb(LR, 0.01, values),
+            _ => {
+                work.push(Work::Axpy);
+                continue;
+            }
+        };
+        let optimizer = CpuOptimizer::new(config, values).with_context(|| format!("the {name} configuration"))?;
+        work.push(Work::Step(Box::new(optimizer)));
+    }
+
+    let mut params = randn(values, SEED);
+    let grads = randn(values, SEED + 1);
+    // Adam's four arrays, as three for the triad.
+    let triad_len = (values * 4).div_ceil(3);
+    let mut triad_target = vec![1.0f32; triad_len];
+    let triad_b = vec![2.0f32; triad_len];
+    let triad_c = vec![0.5f32; triad_len];
+
+    let mut triad_times = Vec::with_capacity(repeat);
+    let mut case_times = vec![Vec::with_capacity(repeat); cases.len()];
+    for round in 0..=repeat {
+        let triad_time = timed(|| triad(&mut triad_target, &triad_b, 3.0, &triad_c));
+        if round > 0 {
+            triad_times.push(triad_time);
+        }
+        for (c, work) in work.iter_mut().enumerate() {
+            let elapsed = match work {
+                Work::Step(optimizer) => {
+                    let started = Instant::now();
+                    optimizer
+                        .step(&mut params, &grads, 1.0)
+                        .with_context(|| format!("{} steps", cases[c].0))?;
+                    started.elapsed()
+                }
+                Work::Axpy => timed(|| axpy(&mut params, -LR, &grads)),
+            };
+            if round > 0 {
+                case_times[c].push(elapsed);
+            }
+        }
+    }
+    black_box((&triad_target, &params));
+    if let Some(bad) = params.iter().position(|p| !p.is_finite()) {
+        bail!("parameter {bad} is {} after the runs: the cases diverged", params[bad]);
+    }
+
+    let best = |all: &[Duration]| all.iter().min().expect("repeat is at least 1").as_secs_f64();
+    let triad_bytes_per_s = TRIAD_BYTES * triad_len as f64 / best(&triad_times);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = format!("{} Mi params", values as f64 / f64::from(1 << 20));
+    let mut results = vec![
+        Measurement::new(SUITE, "triad", triad_bytes_per_s / 1e9, "GB/s", triad_bytes_per_s / 1e9)
+            .bound_case("triad")
+            .note(format!(
+                "{:.2} Mi values x 3 arrays, {threads} threads, best of {repeat}, STREAM bytes",
+                triad_len as f64 / f64::from(1 << 20)
+            )),
+    ];
+    for (c, &(name, bytes)) in cases.iter().enumerate() {
+        let seconds = best(&case_times[c]);
+        let rate = values as f64 / seconds / 1e6;
+        let bound = triad_bytes_per_s / bytes / 1e6;
+        results.push(
+            Measurement::new(SUITE, name, rate, "M/s", bound)
+                .bound_case(format!("triad/{bytes:.0}B"))
+                .note(format!(
+                    "{size}, {:.1} ms/step, {:.1} GB/s moved",
+                    seconds * 1e3,
+                    rate * bytes / 1e3
+                )),
+        );
+    }
+    Ok(results)
+}
+
+/// The best of `repeat` timings (after one untimed warm-up) of a bare [`axpy`] of `values` values, in seconds:
+/// the cost that accumulating a micro-batch's gradient into the buffer is compared with.
+pub fn bare_axpy_seconds(values: usize, repeat: usize) -> f64 {
+    let mut y = randn(values, SEED);
+    let x = randn(values, SEED + 1);
+    let mut best = Duration::MAX;
+    for round in 0..=repeat.max(1) {
+        let elapsed = timed(|| axpy(&mut y, 1e-3, &x));
+        if round > 0 {
+            best = best.min(elapsed);
+        }
+    }
+    black_box(&y);
+    best.as_secs_f64()
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let started = Instant::now();
+    f();
+    started.elapsed()
+}
+
+/// `len` standard normal values from `seed`: SplitMix64 for uniform bits, Box–Muller for the normals.
+fn randn(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        // In (0, 1], so that the logarithm is finite.
+        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut values = Vec::with_capacity(len);
+    while values.len() < len {
+        let radius = (-2.0 * uniform().ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * uniform();
+        values.push((radius * angle.cos()) as f32);
+        if values.len() < len {
+            values.push((radius * angle.sin()) as f32);
+        }
+    }
+    values
+}
