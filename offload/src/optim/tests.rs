@@ -330,6 +330,36 @@ fn lamb_follows_the_reference_over_three_steps_on_two_ranges() {
     }
 }
 
+#[test]
+fn lamb_norms_over_many_segments_and_blocks_follow_the_reference() {
+    // A tensor of several segments with ragged blocks and lanes, beside a tiny one, in two groups.
+    let total = 2 * crate::kernels::CHUNK_VALUES + 1000 + 3;
+    let ranges = [0..3, 3..total];
+    // Scaled so that the long tensor's norm is 5, below the clamp: every segment's sum counts.
+    let mut start = random_values(total, 31);
+    let norm = start[3..]
+        .iter()
+        .map(|&p| f64::from(p) * f64::from(p))
+        .sum::<f64>()
+        .sqrt();
+    start[3..]
+        .iter_mut()
+        .for_each(|p| *p = (f64::from(*p) * 5.0 / norm) as f32);
+    let grads: Vec<Vec<f32>> = (0..3).map(|s| random_values(total, 40 + s)).collect();
+    let kind = lamb_kind(DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_LAMB_EPS, DEFAULT_LAMB_CLAMP);
+    let groups = vec![
+        group(vec![ranges[0].clone()], 0.02, 0.01),
+        group(vec![ranges[1].clone()], 0.02, 0.01),
+    ];
+    let mut opt = optimizer(kind, groups, total);
+    let mut p = start.clone();
+    for g in &grads {
+        opt.step(&mut p, g, 1.0).unwrap();
+    }
+    let expected = lamb_reference(&start, &grads, &ranges, 0.02, 0.01);
+    assert_close(&p, &expected, 2e-6, "lamb on a long range");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Threads
 
@@ -361,7 +391,8 @@ fn large_configs(total: usize) -> Vec<OptimizerConfig> {
             },
             groups(0.1),
         ),
-        OptimizerConfig::new(lamb_kind(0.9, 0.999, 1e-6, 10.0), groups(0.01)),
+        // A clamp far above the weight norms, so that the weight norm sums count too.
+        OptimizerConfig::new(lamb_kind(0.9, 0.999, 1e-6, 1e6), groups(0.01)),
     ]
 }
 
