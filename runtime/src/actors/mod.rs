@@ -3,5 +3,8 @@
 //! carries out what the core asks for.
 //!
 //! - [`matchmaker`]: finds groups of peers to average with, over membership's records and connections.
+//! - [`progress_tracker`]: publishes this peer's training progress and estimates the swarm's (samples,
+//!   rate, when the epoch is due).
 
 pub mod matchmaker;
+pub mod progress_tracker;
