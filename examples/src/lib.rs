@@ -1,2 +1,16 @@
-//! `colony-examples` will hold trainers built on Colony and the swarm demo that the README's first command
-//! runs. Nothing is implemented here yet (see `docs/architecture.md`).
+//! `colony-examples`: the model and data that Colony's example trainers and the swarm demo train, and the
+//! charts they draw.
+//!
+//! Colony averages flat `f32` buffers, so everything here is shaped for that:
+//! - [`data`]: a deterministic synthetic classification task ([`data::generate`] from a [`data::DataSpec`])
+//!   that every peer can regenerate from a seed, and a shuffled mini-batch iterator ([`data::Batches`]) that
+//!   each peer seeds differently.
+//! - [`model`]: an MLP classifier on candle's CPU backend ([`model::Mlp`]) whose parameters and gradients are
+//!   single flat buffers laid out as [`model::Mlp::tensor_infos`] says.
+//! - [`plot`]: loss curves as a PNG ([`plot::plot_loss_curves`]) that needs no system fonts.
+//!
+//! This is the only crate of the workspace that depends on candle and plotters (DESIGN.md §2).
+
+pub mod data;
+
+pub use data::{Batches, DataSpec, Dataset, generate};
