@@ -12,5 +12,7 @@
 //! This is the only crate of the workspace that depends on candle and plotters (DESIGN.md §2).
 
 pub mod data;
+pub mod model;
 
 pub use data::{Batches, DataSpec, Dataset, generate};
+pub use model::{Evaluation, Mlp, MlpSpec};
