@@ -13,6 +13,8 @@
 
 pub mod data;
 pub mod model;
+pub mod plot;
 
 pub use data::{Batches, DataSpec, Dataset, generate};
 pub use model::{Evaluation, Mlp, MlpSpec};
+pub use plot::{Series, plot_loss_curves};
