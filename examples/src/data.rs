@@ -69,8 +69,9 @@ impl Dataset {
     }
 }
 
-/// What [`generate`] draws.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What [`generate`] draws. Fields missing from a serialized spec take their [`Default`] values.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DataSpec {
     /// Seed of everything: the task (centres, input map) and both sets.
     pub seed: u64,

@@ -9,6 +9,13 @@
 //! written out (four matrix products per layer on candle's CPU kernels) rather than taken from candle's
 //! autograd, which would keep a graph per step and accumulate every gradient into a fresh zero tensor. A
 //! finite-difference test checks it.
+//!
+//! Cost, measured in release on the 2-core development machine (shared with other builds, so ±30 %): at
+//! 1,000,567 parameters ([`MlpSpec::with_params_near`]`(64, 10, 1_000_000)`, two hidden layers of 963) one
+//! `loss_and_grads` on a batch of 64 takes 8.5–13 ms, and `write_params_into` + `set_params` together 0.4 ms.
+//! Plain SGD at learning rate 0.1 on the default data reaches 84 % validation accuracy after 100 steps, 90 %
+//! after 250, 92.5 % after 1,000 and 93 % after 2,000 (about 24 s of training); a linear model stays near 26 %.
+//! `cargo test --release -p colony-examples --test model -- --ignored --nocapture` measures both again.
 
 use anyhow::{Context, bail, ensure};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -19,7 +26,7 @@ use crate::data::{Dataset, SplitMix64, derive_seed};
 const EVALUATION_BATCH: usize = 1024;
 
 /// The shape of an [`Mlp`] and the seed of its initial weights.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MlpSpec {
     /// Inputs per sample.
     pub input: usize,
@@ -434,6 +441,12 @@ mod tests {
             );
         }
         assert_eq!(MlpSpec::with_params_near(64, 10, 0).hidden, vec![1, 1]);
+    }
+
+    #[test]
+    fn the_model_can_move_between_threads() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<Mlp>();
     }
 
     #[test]
