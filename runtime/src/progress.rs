@@ -1181,6 +1181,33 @@ mod tests {
     }
 
     #[test]
+    fn a_watcher_is_not_a_peer_of_its_own_estimate_but_a_worker_is() {
+        let other = progress(1, 0, 50, 10.0, 1.0, false);
+        let mut watcher = state(BUDGET);
+        watcher.refresh(&[other], 0, 1.0);
+        assert_eq!(watcher.global().num_peers, 1);
+        let mut worker = state(BUDGET);
+        // Samples reported, not published yet: counted with its fresh progress.
+        worker.report_local_progress(0, 20, 1.0);
+        worker.refresh(&[other], 0, 1.0);
+        assert_eq!(
+            (worker.global().num_peers, worker.global().samples_accumulated),
+            (2, 70)
+        );
+        // Its replica copy is a publish behind: the fresh progress counts instead.
+        let stale = LocalProgress {
+            samples_accumulated: 5,
+            ..*worker.local()
+        };
+        worker.report_local_progress(0, 30, 1.5);
+        worker.refresh(&[other, stale], 0, 1.5);
+        assert_eq!(
+            (worker.global().num_peers, worker.global().samples_accumulated),
+            (2, 80)
+        );
+    }
+
+    #[test]
     fn publishing_is_throttled_and_follows_hiveminds_reporter() {
         let mut state = state(BUDGET);
         // Nothing reported: a periodic tick publishes nothing (a watcher is not a peer).

@@ -71,6 +71,10 @@ use crate::records::{Subkey, Time};
 /// How long shutdown waits for the actor (it answers in microseconds unless it is gone).
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Peers whose epochs the subscription remembers at most (the records of peers that crashed expire
+/// silently).
+const MAX_TRACKED_PEERS: usize = 100_000;
+
 /// How long shutdown waits for the publishing budget to allow the deletion; past it, the record is left to
 /// expire.
 const DELETION_WAIT: Duration = Duration::from_secs(2);
@@ -168,6 +172,10 @@ impl ProgressTracker {
                 }
                 // Only what changes the estimate's shape is worth a refresh at once: a peer that appears,
                 // leaves, or moves on. New samples are extrapolated from the rates until the next refresh.
+                if epochs.len() >= MAX_TRACKED_PEERS {
+                    // Peers whose records expired are never announced; forgetting everyone costs one refresh.
+                    epochs.clear();
+                }
                 let moved = match &change.value {
                     Some(value) => match LocalProgress::decode(value) {
                         Ok(progress) if progress.peer == peer => epochs
