@@ -200,6 +200,18 @@ impl TensorLayout {
         self.schema_hash
     }
 
+    /// The schema hash bound to one round (e.g. an epoch): peers that pass different rounds never match,
+    /// so a fast peer looking for its next round cannot pull a slow peer out of the current one.
+    pub fn round_hash(&self, round: u64) -> SchemaHash {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(b"colony/round/1");
+        context.update(&self.schema_hash.0);
+        context.update(&round.to_le_bytes());
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(context.finish().as_ref());
+        SchemaHash(hash)
+    }
+
     /// A zeroed buffer of this layout.
     pub fn zeros(self: &Arc<Self>) -> FlatTensors {
         FlatTensors {
@@ -310,6 +322,16 @@ mod tests {
         assert_eq!(layout.range(2), 6..7);
         assert_eq!(layout.range(3), 7..11);
         assert_eq!(layout.total_values(), 11);
+    }
+
+    #[test]
+    fn round_hashes_differ_by_round_and_by_schema() {
+        let a = TensorLayout::new(vec![TensorInfo::new("w", [3])]).unwrap();
+        let b = TensorLayout::new(vec![TensorInfo::new("w", [4])]).unwrap();
+        assert_eq!(a.round_hash(7), a.round_hash(7));
+        assert_ne!(a.round_hash(7), a.round_hash(8));
+        assert_ne!(a.round_hash(7), b.round_hash(7));
+        assert_ne!(a.round_hash(7), a.schema_hash());
     }
 
     #[test]

@@ -8,12 +8,16 @@
 //! - [`model`]: an MLP classifier on candle's CPU backend ([`model::Mlp`]) whose parameters and gradients are
 //!   single flat buffers laid out as [`model::Mlp::tensor_infos`] says.
 //! - [`plot`]: loss curves as a PNG ([`plot::plot_loss_curves`]) that needs no system fonts.
+//! - [`swarm`]: the flags of every Colony option and one peer's training loop with the collaborative
+//!   optimizer, shared by the `demo` (four peers in one process) and `trainer` (one peer per process)
+//!   binaries.
 //!
 //! This is the only crate of the workspace that depends on candle and plotters (DESIGN.md §2).
 
 pub mod data;
 pub mod model;
 pub mod plot;
+pub mod swarm;
 
 pub use data::{Batches, DataSpec, Dataset, generate};
 pub use model::{Evaluation, Mlp, MlpSpec};

@@ -121,6 +121,9 @@ pub struct GroupOptions {
     pub scheduled_start: Option<f64>,
     /// How many peers are expected in the group, this one included, when the caller knows.
     pub expected_group_size: Option<usize>,
+    /// Groups only with peers that pass the same round (the collaborative optimizer passes the epoch);
+    /// `None` matches any peer of the same tensors.
+    pub round: Option<u64>,
 }
 
 impl GroupOptions {
@@ -130,6 +133,7 @@ impl GroupOptions {
             timeout,
             scheduled_start: None,
             expected_group_size: None,
+            round: None,
         }
     }
 }
@@ -258,7 +262,11 @@ impl Averager {
             )));
         }
         let weight = if self.mode == PeerMode::Auxiliary { 0.0 } else { weight };
-        let mut request = GroupRequest::new(self.layout.schema_hash(), options.timeout);
+        let hash = match options.round {
+            Some(round) => self.layout.round_hash(round),
+            None => self.layout.schema_hash(),
+        };
+        let mut request = GroupRequest::new(hash, options.timeout);
         request.gather = encode_gather(self.mode, weight, self.config.bandwidth);
         request.client_mode = self.mode == PeerMode::Client;
         request.scheduled_start = options.scheduled_start;

@@ -11,5 +11,7 @@
 pub mod actors;
 pub mod averager;
 pub mod membership;
+pub mod optimizer;
+pub mod peer;
 pub mod progress;
 pub mod records;

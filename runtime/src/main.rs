@@ -9,10 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use colony::membership::{Membership, MembershipConfig, MembershipEvent, Role};
-use colony::records::Schemas;
-use colony_transports::quic::{QuicConfig, QuicTransport};
-use colony_transports::tcp::{TcpConfig, TcpTransport};
-use colony_transports::{Address, Keypair, Scheme, Transport};
+use colony_transports::{Address, Keypair};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -136,22 +133,13 @@ fn listen_address(args: &NodeArgs) -> anyhow::Result<Address> {
         .map_err(|e| anyhow::anyhow!("--listen: {e}"))
 }
 
-fn transport_for(scheme: Scheme, keypair: &Keypair) -> anyhow::Result<Arc<dyn Transport>> {
-    let copy = || Keypair::from_pkcs8_der(&keypair.to_pkcs8_der()).map_err(anyhow::Error::msg);
-    Ok(match scheme {
-        Scheme::Tcp => Arc::new(TcpTransport::new(copy()?, TcpConfig::default())),
-        Scheme::Quic => Arc::new(QuicTransport::new(copy()?, QuicConfig::default())),
-        Scheme::Mem => anyhow::bail!("mem:// addresses exist only inside one process; use tcp:// or quic://"),
-    })
-}
-
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let keypair = match &args.identity {
         Some(path) => Keypair::load_or_generate(path)?,
         None => Keypair::generate(),
     };
     let listen = listen_address(&args)?;
-    let transport = transport_for(listen.scheme(), &keypair)?;
+    let transport = colony::peer::transport_for(listen.scheme(), &keypair).map_err(anyhow::Error::msg)?;
     let mut config = MembershipConfig::new(args.run_id.clone(), Some(listen));
     config.initial_peers = args.initial_peers.clone();
     config.role = if args.auxiliary { Role::Auxiliary } else { Role::Trainer };
@@ -159,7 +147,9 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     config.swim.probe_rtt = Duration::from_millis(args.probe_period_ms * 2 / 5);
     config.swim.suspect_to_down_after = Duration::from_millis(args.suspect_timeout_ms);
     config.bootstrap_timeout = Duration::from_secs(args.bootstrap_timeout_s);
-    let membership = Membership::start(config, Arc::new(keypair), transport, Schemas::default()).await?;
+    // The node relays the records of the trainers that join through it, so it validates their kinds.
+    let schemas = colony::peer::training_schemas();
+    let membership = Membership::start(config, Arc::new(keypair), transport, schemas).await?;
     let mut events = membership.events();
     let address = membership.address().context("a listening node has an address")?;
     println!("{address}");

@@ -29,10 +29,13 @@ pub struct PublishLimits {
 }
 
 impl Default for PublishLimits {
+    /// 20 updates a second per slot, bursts of 40: a matchmaking declaration slot takes two updates per
+    /// round (declare, withdraw), and a swarm of small models runs several epochs a second, each with a
+    /// gradient and a state round; the limit still bounds what one peer can make the swarm gossip.
     fn default() -> Self {
         Self {
-            rate_per_sec: 5.0,
-            burst: 10,
+            rate_per_sec: 20.0,
+            burst: 40,
             max_tracked: 100_000,
         }
     }
