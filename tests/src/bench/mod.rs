@@ -7,6 +7,7 @@
 
 pub mod allreduce;
 pub mod codecs;
+pub mod efficiency;
 pub mod matchmaking;
 pub mod membership;
 pub mod optimizer;

@@ -23,6 +23,11 @@ enum Suite {
     /// One peer process of the all-reduce suite (started by it).
     #[value(hide = true)]
     AllreducePeer,
+    /// Two peer processes training the example MLP: collaborative samples/s against each one's solo rate.
+    Efficiency,
+    /// One peer process of the efficiency suite (started by it).
+    #[value(hide = true)]
+    EfficiencyPeer,
 }
 
 #[derive(Debug, Parser)]
@@ -87,6 +92,15 @@ fn main() -> anyhow::Result<()> {
                 args.peers.unwrap_or(4),
                 args.values.unwrap_or(64 << 20),
             ));
+        }
+        Suite::Efficiency => runtime.block_on(bench::efficiency::run(args.repeat.unwrap_or(150).max(1)))?,
+        Suite::EfficiencyPeer => {
+            drop(runtime);
+            return bench::efficiency::peer_process(
+                args.index,
+                args.repeat.unwrap_or(150).max(1),
+                args.case.as_deref().unwrap_or("tcp://127.0.0.1:0"),
+            );
         }
         Suite::Codecs => bench::codecs::run(
             args.values.unwrap_or(16 << 20),
