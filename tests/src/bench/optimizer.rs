@@ -189,3 +189,63 @@ fn randn(len: usize, seed: u64) -> Vec<f32> {
     }
     values
 }
+
+/// `step` case: what [`CollaborativeOptimizer::step`] costs between epochs (accumulating one micro-batch's
+/// gradient and reporting progress) on `values` parameters, against a bare [`axpy`] over the same gradient.
+/// One peer alone on the in-process transport, with a target batch it never reaches. Here the ratio is step
+/// time / axpy time (lower is better); the goal is at most 1.2.
+///
+/// [`CollaborativeOptimizer::step`]: colony::optimizer::CollaborativeOptimizer::step
+pub async fn step_cost(values: usize, repeat: usize) -> anyhow::Result<Measurement> {
+    use colony::membership::MembershipConfig;
+    use colony::optimizer::CollaborativeOptions;
+    use colony_averaging::tensor::TensorInfo;
+    use colony_transports::Keypair;
+    use colony_transports::mem::MemHub;
+
+    let keypair = Keypair::generate();
+    let hub = MemHub::new();
+    let transport = hub.transport(&keypair);
+    let config = MembershipConfig::new("bench-step", Some("mem://step".parse()?));
+    let options = CollaborativeOptions::new(u64::MAX / 2, OptimizerConfig::adam(1e-3, values));
+    let params = randn(values, SEED);
+    let mut peer = colony::peer::start_training_peer(
+        config,
+        keypair,
+        Some(transport),
+        vec![TensorInfo::new("w", [values])],
+        &params,
+        options,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let mut params = params;
+    let mut grads = randn(values, SEED + 1);
+    let mut best = Duration::MAX;
+    let mut all = Vec::new();
+    for round in 0..=repeat.max(1) * 10 {
+        let started = Instant::now();
+        let outcome = peer.optimizer.step(&mut params, &mut grads, Some(64)).await?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(!outcome.epoch_finished, "the step suite's epoch must not end");
+        if round > 0 {
+            best = best.min(elapsed);
+            all.push(elapsed.as_secs_f64());
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    let median = all[all.len() / 2];
+    peer.optimizer.shutdown().await;
+    peer.membership.shutdown();
+    let axpy = bare_axpy_seconds(values, repeat.max(1) * 10);
+    Ok(
+        Measurement::new("optimizer", "step", best.as_secs_f64() * 1e3, "ms", axpy * 1e3)
+            .bound_case("bare axpy")
+            .note(format!(
+                "{values} params; best of {} steps {:.3} ms, median {:.3} ms; ratio = step / axpy (goal <= 1.2)",
+                all.len(),
+                best.as_secs_f64() * 1e3,
+                median * 1e3
+            )),
+    )
+}

@@ -107,11 +107,19 @@ fn main() -> anyhow::Result<()> {
             args.repeat.unwrap_or(3).max(1),
             args.case.as_deref(),
         )?,
-        Suite::Optimizer => bench::optimizer::run(
-            args.values.unwrap_or(64 << 20),
-            args.repeat.unwrap_or(3).max(1),
-            args.case.as_deref(),
-        )?,
+        Suite::Optimizer => {
+            let values = args.values.unwrap_or(64 << 20);
+            let repeat = args.repeat.unwrap_or(3).max(1);
+            if args.case.as_deref() == Some("step") {
+                vec![runtime.block_on(bench::optimizer::step_cost(values, repeat))?]
+            } else {
+                let mut results = bench::optimizer::run(values, repeat, args.case.as_deref())?;
+                if args.case.is_none() {
+                    results.push(runtime.block_on(bench::optimizer::step_cost(values, repeat))?);
+                }
+                results
+            }
+        }
     };
     if !args.json {
         println!("machine: {}", bench::machine());
