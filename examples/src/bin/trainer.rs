@@ -1,0 +1,125 @@
+//! One training peer per process: `cargo run --release -p colony-examples --bin trainer -- --listen
+//! tcp://0.0.0.0:4100` on the first machine, then `--listen tcp://0.0.0.0:4100 --initial-peer
+//! tcp://FIRST:4100` on the others (`--client-mode` without `--listen` behind NAT). Every option of the
+//! collaborative optimizer is a flag (`--help`).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use colony::membership::MembershipConfig;
+use colony::peer::start_training_peer;
+use colony_examples::swarm::{Event, TrainFlags, tensor_infos, train};
+use colony_examples::{Mlp, generate};
+use colony_transports::{Address, Keypair};
+
+#[derive(Debug, Parser)]
+#[command(about = "One peer of a Colony run training the example MLP")]
+struct Args {
+    /// Where to accept connections (tcp://HOST:PORT or quic://HOST:PORT); leave out for client mode.
+    #[arg(long)]
+    listen: Option<Address>,
+    /// A peer of the run to join through (repeatable); none for the first peer.
+    #[arg(long = "initial-peer")]
+    initial_peers: Vec<Address>,
+    /// The run's name: peers of other runs are not admitted.
+    #[arg(long, default_value = "colony-example")]
+    run_id: String,
+    /// Identity file (created if missing), so a restarted peer keeps its id.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Seed of this peer's batch order (give each peer its own).
+    #[arg(long, default_value_t = 0)]
+    shuffle_seed: u64,
+    /// Seconds to keep trying the initial peers.
+    #[arg(long, default_value_t = 30)]
+    bootstrap_timeout: u64,
+    #[command(flatten)]
+    flags: TrainFlags,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    anyhow::ensure!(
+        args.listen.is_some() || !args.initial_peers.is_empty(),
+        "a peer that does not listen (client mode) needs --initial-peer"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let data_spec = args.flags.data_spec();
+    let (train_set, validation) = generate(&data_spec);
+    let mut model = Mlp::new(&args.flags.model_spec(&data_spec))?;
+    let tensors = tensor_infos(&model);
+    let options = args.flags.options(&tensors)?;
+    let keypair = match &args.identity {
+        Some(path) => Keypair::load_or_generate(path)?,
+        None => Keypair::generate(),
+    };
+    let mut config = MembershipConfig::new(args.run_id.clone(), args.listen.clone());
+    config.initial_peers = args.initial_peers.clone();
+    config.bootstrap_timeout = Duration::from_secs(args.bootstrap_timeout);
+    let initial = model.params();
+    let mut peer = runtime
+        .block_on(start_training_peer(config, keypair, None, tensors, &initial, options))
+        .map_err(anyhow::Error::msg)?;
+    match peer.membership.address() {
+        Some(address) => println!("listening on {address}"),
+        None => println!("client mode: joined through {:?}", args.initial_peers),
+    }
+    let stop = AtomicBool::new(false);
+    let summary = train(
+        &mut peer,
+        &mut model,
+        (&train_set, &validation),
+        &args.flags,
+        args.shuffle_seed,
+        &stop,
+        |event| match event {
+            Event::Epoch {
+                epoch,
+                loss,
+                validation,
+            } => match validation {
+                Some(v) => println!(
+                    "epoch {epoch}: training loss {loss:.4}, validation loss {:.4}, accuracy {:.1} %",
+                    v.loss,
+                    v.accuracy * 100.0
+                ),
+                None => println!("epoch {epoch}: training loss {loss:.4}"),
+            },
+            Event::Loaded(epoch) => println!("loaded the swarm's state at epoch {epoch}"),
+            Event::Step { .. } => {}
+        },
+    );
+    runtime.block_on(async {
+        peer.optimizer.shutdown().await;
+        peer.membership.leave().await;
+    });
+    let summary = summary?;
+    let evaluation = summary.validation.context("the final evaluation")?;
+    println!(
+        "done: {} epochs, {:.0} samples/s, validation loss {:.4}, accuracy {:.1} %, {} gradient rounds, {} state \
+         rounds, {} failed rounds, {} states loaded",
+        summary.epochs,
+        summary.samples as f64 / summary.seconds.max(1e-9),
+        evaluation.loss,
+        evaluation.accuracy * 100.0,
+        summary.gradient_rounds,
+        summary.state_rounds,
+        summary.failures,
+        summary.loads
+    );
+    Ok(())
+}
