@@ -602,3 +602,85 @@ async fn late_and_restarted_peers_catch_up_and_agree_on_parameters() {
         p.optimizer.shutdown().await;
     }
 }
+
+/// Hivemind's `test_state_averager`, rewritten: two peers with local updates (Adam, averaging `exp_avg_sq` and
+/// an extra tensor), one with a delayed state round and one with an immediate one, pulling towards +1 and
+/// −1. After each epoch's state round both hold the same parameters, the same averaged statistic and the
+/// same extra tensor (the mean of the two), though their local steps had pulled them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_and_an_immediate_state_round_leave_the_same_state() {
+    let _serial = SERIAL.lock().await;
+    let hub = hub();
+    let tensors = vec![TensorInfo::new("weight", [3, 2]), TensorInfo::new("bias", [3])];
+    let mut options = options(32, OptimizerConfig::adam(0.1, 9));
+    options.use_local_updates = true;
+    options.average_opt_statistics = vec!["exp_avg_sq".into()];
+    options.extra_tensors = vec![TensorInfo::new("running_mean", [3])];
+    let mut delayed = options.clone();
+    delayed.delay_state_averaging = true;
+    let mut immediate = options;
+    immediate.delay_state_averaging = false;
+    let mut a = peer(&hub, "sa-delayed", None, tensors.clone(), &[0.0; 9], delayed).await;
+    let mut b = peer(
+        &hub,
+        "sa-immediate",
+        a.membership.address(),
+        tensors,
+        &[0.0; 9],
+        immediate,
+    )
+    .await;
+    connected(&[&a, &b]).await;
+    a.optimizer.set_extra_tensors(&[1.0, 2.0, 3.0]).unwrap();
+    b.optimizer.set_extra_tensors(&[3.0, 2.0, 1.0]).unwrap();
+    let pace = Duration::from_millis(20);
+    let timeout = Duration::from_secs(60);
+    // The first epoch only lets each peer see the other's progress (a peer that sees no other does not
+    // average); the checks start with the second.
+    for epoch in 1..=3u64 {
+        let (ta, tb) = tokio::join!(
+            train(&mut a, pull_towards(1.0), 4, pace, epoch, timeout),
+            train(&mut b, pull_towards(-1.0), 4, pace, epoch, timeout),
+        );
+        let averaged = |t: &Trace| {
+            t.rounds(RoundKind::State)
+                .iter()
+                .filter(|r| **r == RoundResult::Averaged { peers: 2 })
+                .count()
+        };
+        if epoch == 1 {
+            continue;
+        }
+        let _ = ta;
+        // The immediate peer's round is over when its call returns; the delayed peer's runs on.
+        assert!(averaged(&tb) >= 1, "epoch {epoch}: {:?}", tb.rounds(RoundKind::State));
+        let state_rounds = |p: &Peer| {
+            p.optimizer
+                .counters()
+                .state_rounds
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let rounds_of_b = state_rounds(&b);
+        wait_until("the delayed peer's state round ended", Duration::from_secs(10), || {
+            state_rounds(&a) >= rounds_of_b
+        })
+        .await;
+        assert_eq!(a.optimizer.parameters(), b.optimizer.parameters(), "epoch {epoch}");
+        let (sa, sb) = (
+            a.optimizer.statistic("exp_avg_sq").unwrap(),
+            b.optimizer.statistic("exp_avg_sq").unwrap(),
+        );
+        assert_eq!(sa, sb, "epoch {epoch}: the averaged statistic");
+        assert!(sa.iter().any(|v| *v > 0.0), "the statistic holds the squared gradients");
+        assert_eq!(a.optimizer.extra_tensors(), [2.0, 2.0, 2.0], "epoch {epoch}");
+        assert_eq!(b.optimizer.extra_tensors(), [2.0, 2.0, 2.0], "epoch {epoch}");
+        // Not averaged: the first moments stay each peer's own.
+        assert_ne!(
+            a.optimizer.statistic("exp_avg"),
+            b.optimizer.statistic("exp_avg"),
+            "epoch {epoch}"
+        );
+    }
+    a.optimizer.shutdown().await;
+    b.optimizer.shutdown().await;
+}
