@@ -66,6 +66,9 @@ pub struct AveragerConfig {
     pub allreduce: AllReduceConfig,
     /// Reduce for others but send nothing and receive no result (Hivemind's `auxiliary`).
     pub auxiliary: bool,
+    /// Send and receive results but never lead a group or reduce, even on a peer that listens (a
+    /// non-listening peer is always in client mode).
+    pub client_mode: bool,
     /// This peer's bandwidth for load balancing, in any unit shared by the run (Mbit/s is usual); `None`
     /// counts as the group's mean, 0 reduces nothing.
     pub bandwidth: Option<f64>,
@@ -80,6 +83,7 @@ impl AveragerConfig {
             matchmaking: MatchmakingConfig::new(prefix),
             allreduce: AllReduceConfig::default(),
             auxiliary: false,
+            client_mode: false,
             bandwidth: None,
             min_vector_size: 0,
         }
@@ -215,6 +219,7 @@ impl Averager {
             Role::Client => PeerMode::Client,
             Role::Auxiliary => PeerMode::Auxiliary,
             Role::Trainer if config.auxiliary => PeerMode::Auxiliary,
+            Role::Trainer if config.client_mode => PeerMode::Client,
             Role::Trainer => PeerMode::Node,
         };
         Ok(Self {

@@ -44,6 +44,18 @@ impl EpochGradients {
         }
     }
 
+    /// Replaces gradients that hold NaN or infinity by nothing (zero gradient, zero samples: the peer
+    /// still takes part, so the others need not wait for it). Returns whether it did. One pass per epoch,
+    /// not per step, so the trainer's `step()` stays one axpy.
+    pub fn drop_if_not_finite(&mut self) -> bool {
+        if self.values.iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        self.values.fill(0.0);
+        self.samples = 0;
+        true
+    }
+
     /// Samples accumulated.
     pub fn samples(&self) -> u64 {
         self.samples
@@ -159,5 +171,29 @@ impl GradientAverager {
     /// Stops the matchmaker.
     pub fn shutdown(&self) {
         self.averager.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_gradient_is_the_mean_over_own_samples_and_non_finite_epochs_are_dropped() {
+        let mut accumulator = GradientAccumulator::new(2, false);
+        let mut trainer = [0.0f32; 2];
+        accumulator.accumulate(&[1.0, 2.0], 4);
+        accumulator.accumulate(&[3.0, 6.0], 12);
+        let mut gradients = EpochGradients::take(&mut accumulator, &mut trainer, 32);
+        assert_eq!(gradients.samples(), 16);
+        // (4·[1, 2] + 12·[3, 6]) / 16
+        assert_eq!(gradients.local(), Some(vec![2.5, 5.0]));
+        assert!(!gradients.drop_if_not_finite());
+
+        accumulator.accumulate(&[f32::NAN, 1.0], 4);
+        let mut gradients = EpochGradients::take(&mut accumulator, &mut trainer, 32);
+        assert!(gradients.drop_if_not_finite());
+        assert_eq!(gradients.samples(), 0);
+        assert_eq!(gradients.local(), None);
     }
 }

@@ -176,6 +176,9 @@ pub struct OptimizerCounters {
     pub state_failures: AtomicU64,
     /// States loaded from peers.
     pub loads: AtomicU64,
+    /// Epochs whose accumulated gradient held NaN or infinity and was dropped (the peer took part with
+    /// nothing).
+    pub non_finite_epochs: AtomicU64,
     /// Optimizer steps taken.
     pub optimizer_steps: AtomicU64,
 }
@@ -255,6 +258,7 @@ pub fn averager_config(options: &CollaborativeOptions, prefix: &str, codecs: Cod
         ..AllReduceConfig::default()
     };
     config.auxiliary = options.auxiliary;
+    config.client_mode = options.client_mode == Some(true);
     config.bandwidth = options.bandwidth;
     config
 }
@@ -352,6 +356,13 @@ impl CollaborativeOptimizer {
                     .into(),
             ));
         }
+        if membership.role() == Role::Auxiliary && !options.auxiliary {
+            return Err(OptimizerError::InvalidOptions(
+                "membership's role is auxiliary, so this peer computes no gradients: set auxiliary = true, or give \
+                 membership the trainer role"
+                    .into(),
+            ));
+        }
         if options.auxiliary && membership.role() == Role::Client {
             return Err(OptimizerError::InvalidOptions(
                 "an auxiliary peer reduces for others, so it must listen: set membership's listen address".into(),
@@ -397,10 +408,6 @@ impl CollaborativeOptimizer {
         progress.client_mode = client_mode;
         let tracker =
             ProgressTracker::start(membership, progress).map_err(|e| OptimizerError::Progress(e.to_string()))?;
-        // Announce this peer at once, so that the others count it before its first epoch ends.
-        if !options.auxiliary {
-            tracker.report_local_progress(0, 0);
-        }
         let grads = if options.use_local_updates {
             None
         } else {
@@ -418,6 +425,8 @@ impl CollaborativeOptimizer {
             layouts.averaged_state.clone(),
             averager_config(&options, "state", options.state_averaging_compression.clone()),
         )?;
+        // An auxiliary peer never steps: its copy of the parameters is not worth serving.
+        shared.set_sharing(!options.auxiliary);
         *services.donor.0.write().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
         let accumulator = GradientAccumulator::new(params_len, options.reuse_grad_buffers);
         Ok(Self {
@@ -848,7 +857,14 @@ impl CollaborativeOptimizer {
             self.local_samples = 0;
             None
         } else {
-            let gradients = EpochGradients::take(&mut self.accumulator, grads, options.target_batch_size);
+            let mut gradients = EpochGradients::take(&mut self.accumulator, grads, options.target_batch_size);
+            if gradients.drop_if_not_finite() {
+                inner.counters.non_finite_epochs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    epoch,
+                    "this epoch's accumulated gradient holds NaN or infinity: it is dropped"
+                );
+            }
             let scheduled = self.take_scheduled();
             Some(GradientJob {
                 gradients,
@@ -937,7 +953,7 @@ impl CollaborativeOptimizer {
         let inner = self.inner.clone();
         inner.shared.set_sharing(false);
         let result = download_state(&inner, self.local_epoch).await;
-        inner.shared.set_sharing(true);
+        inner.shared.set_sharing(!inner.options.auxiliary);
         let loaded = result?;
         let global = inner.tracker.global().epoch;
         let mut epoch = loaded.max(self.local_epoch);
