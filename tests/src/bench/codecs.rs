@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use colony_averaging::codec::Codec;
 
-use super::Measurement;
+use super::{Measurement, randn};
 
 const SUITE: &str = "codecs";
 /// Row length for the scaled codec (the last axis of a typical weight matrix).
@@ -183,27 +183,4 @@ fn mse(a: &[f32], b: &[f32]) -> f64 {
         .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
         .sum();
     total / a.len() as f64
-}
-
-/// `len` standard normal values from `seed`: splitmix64 for uniform bits, Box–Muller for the normals.
-fn randn(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut uniform = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        // In (0, 1], so that the logarithm is finite.
-        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
-    let mut values = Vec::with_capacity(len);
-    while values.len() < len {
-        let radius = (-2.0 * uniform().ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * uniform();
-        values.push((radius * angle.cos()) as f32);
-        if values.len() < len {
-            values.push((radius * angle.sin()) as f32);
-        }
-    }
-    values
 }

@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use colony_offload::kernels::{axpy, triad};
 use colony_offload::{CpuOptimizer, OptimizerConfig};
 
-use super::Measurement;
+use super::{Measurement, randn};
 
 const SUITE: &str = "optimizer";
 const SEED: u64 = 5113;
@@ -165,29 +165,6 @@ fn timed(f: impl FnOnce()) -> Duration {
     let started = Instant::now();
     f();
     started.elapsed()
-}
-
-/// `len` standard normal values from `seed`: SplitMix64 for uniform bits, Box–Muller for the normals.
-fn randn(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut uniform = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        // In (0, 1], so that the logarithm is finite.
-        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
-    let mut values = Vec::with_capacity(len);
-    while values.len() < len {
-        let radius = (-2.0 * uniform().ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * uniform();
-        values.push((radius * angle.cos()) as f32);
-        if values.len() < len {
-            values.push((radius * angle.sin()) as f32);
-        }
-    }
-    values
 }
 
 /// `step` case: what [`CollaborativeOptimizer::step`] costs between epochs (accumulating one micro-batch's
