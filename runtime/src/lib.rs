@@ -15,3 +15,4 @@ pub mod optimizer;
 pub mod peer;
 pub mod progress;
 pub mod records;
+pub mod telemetry;
