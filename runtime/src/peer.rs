@@ -9,7 +9,8 @@ use colony_transports::quic::{QuicConfig, QuicTransport};
 use colony_transports::tcp::{TcpConfig, TcpTransport};
 use colony_transports::{Address, Keypair, Scheme, Transport};
 
-use crate::membership::{Membership, MembershipConfig};
+use crate::membership::{Membership, MembershipConfig, Role};
+use crate::optimizer::run_schema::{self, RunSchema};
 use crate::optimizer::{CollaborativeOptimizer, CollaborativeOptions, OptimizerServices};
 use crate::records::Schemas;
 
@@ -76,5 +77,90 @@ pub async fn start_training_peer(
             membership.shutdown();
             Err(error)
         }
+    }
+}
+
+/// Starts an auxiliary peer: a member that holds no model and reduces parts of the gradient rounds for the
+/// trainers (Hivemind's CPU-only helpers). It joins per `config` (its role becomes auxiliary; it must
+/// listen), waits up to `schema_timeout` for a trainer and asks it for the run's gradient schema (tensors,
+/// codecs, part size, target batch size), then starts an optimizer with `options` made auxiliary and
+/// fitted to that schema. Drive it with [`CollaborativeOptimizer::step_auxiliary`] in a loop.
+pub async fn start_auxiliary_peer(
+    mut config: MembershipConfig,
+    keypair: Keypair,
+    transport: Option<Arc<dyn Transport>>,
+    mut options: CollaborativeOptions,
+    schema_timeout: Duration,
+) -> Result<(TrainingPeer, RunSchema), String> {
+    let listen = config
+        .listen
+        .clone()
+        .ok_or("an auxiliary peer reduces for others, so it must listen: give it a listen address")?;
+    config.role = Role::Auxiliary;
+    let transport = match transport {
+        Some(transport) => transport,
+        None => transport_for(listen.scheme(), &keypair)?,
+    };
+    let services = OptimizerServices::new(options.next_chunk_timeout().max(Duration::from_secs(1)));
+    let membership = Membership::start_with(config, Arc::new(keypair), transport, training_schemas(), |router| {
+        services.register(router)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let schema = match fetch_schema(&membership, schema_timeout).await {
+        Ok(schema) => schema,
+        Err(error) => {
+            membership.shutdown();
+            return Err(error);
+        }
+    };
+    options.auxiliary = true;
+    options.client_mode = None;
+    options.batch_size_per_step = None;
+    options.use_local_updates = false;
+    options.target_batch_size = schema.target_batch_size;
+    options.part_size_bytes = schema.part_size_bytes;
+    options.grad_compression = schema.codec_policy();
+    let values: usize = schema.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let optimizer = CollaborativeOptimizer::start(
+        &membership,
+        &services,
+        schema.tensors.clone(),
+        &vec![0.0; values],
+        options,
+    )
+    .map_err(|e| e.to_string());
+    match optimizer {
+        Ok(optimizer) => Ok((TrainingPeer { membership, optimizer }, schema)),
+        Err(error) => {
+            membership.shutdown();
+            Err(error)
+        }
+    }
+}
+
+/// Asks the trainers among the members for the run's schema until one answers or `timeout` passes.
+async fn fetch_schema(membership: &Membership, timeout: Duration) -> Result<RunSchema, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connector = membership.connector();
+    let mut last = "no trainer is a member yet".to_string();
+    loop {
+        let trainers: Vec<_> = membership
+            .members()
+            .into_iter()
+            .filter(|m| matches!(m.role, Role::Trainer | Role::Client))
+            .map(|m| m.peer)
+            .collect();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !trainers.is_empty() {
+            match run_schema::fetch(connector.as_ref(), &trainers, left.min(Duration::from_secs(10))).await {
+                Ok(schema) => return Ok(schema),
+                Err(error) => last = error,
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("no run schema within {timeout:?}: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(left)).await;
     }
 }

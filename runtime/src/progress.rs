@@ -516,6 +516,8 @@ pub struct ProgressState {
     ema: PerformanceEma,
     global: GlobalProgress,
     fetched_this_epoch: bool,
+    /// The last refresh counted this peer and no other: its own samples decide the end of its epoch.
+    alone: bool,
     /// Bumped at each epoch change: a refresh that read the records before one does not count as a fetch of
     /// the new epoch.
     epoch_changes: u64,
@@ -554,6 +556,7 @@ impl ProgressState {
             ema,
             global,
             fetched_this_epoch: false,
+            alone: false,
             epoch_changes: 0,
             stopped: false,
             budget,
@@ -606,7 +609,14 @@ impl ProgressState {
     }
 
     /// Whether this peer should end its epoch at `now` ([`GlobalProgress::ready_to_update_epoch`]).
+    ///
+    /// A peer that is the only one counted (no other peer has published progress) decides on its own
+    /// samples, which it knows exactly: the ETA extrapolates a rate, and a trainer thread paused after a
+    /// refresh (a loaded machine) would end its epoch short of the target.
     pub fn ready_to_update_epoch(&self, now: Time) -> bool {
+        if self.alone && self.global.epoch <= self.local.epoch {
+            return self.local.samples_accumulated >= self.config.target_batch_size;
+        }
         self.global.ready_to_update_epoch(self.local.epoch, now)
     }
 
@@ -682,8 +692,11 @@ impl ProgressState {
         let own = self.local.peer;
         let listed = records.iter().any(|r| r.peer == own);
         let mut peers: Vec<LocalProgress> = records.iter().filter(|r| r.peer != own).copied().collect();
+        self.alone = peers.is_empty();
         if listed || self.published || self.local.samples_accumulated > 0 {
             peers.push(self.local);
+        } else {
+            self.alone = false;
         }
         self.global = estimate(&peers, &self.local, now, &self.config);
         if token == self.epoch_changes {

@@ -32,8 +32,9 @@ mod gradient_accumulator;
 mod gradient_averager;
 pub mod offload;
 mod options;
+pub mod run_schema;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -200,6 +201,7 @@ impl StateProvider for DonorSlot {
 pub struct OptimizerServices {
     averager: AveragerServices,
     donor: DonorSlot,
+    schema: run_schema::SchemaSlot,
 }
 
 impl OptimizerServices {
@@ -212,6 +214,7 @@ impl OptimizerServices {
                 ..ServiceConfig::default()
             }),
             donor: DonorSlot::default(),
+            schema: run_schema::SchemaSlot::default(),
         }
     }
 
@@ -219,6 +222,7 @@ impl OptimizerServices {
     pub fn register(&self, router: &mut Router) {
         self.averager.register(router);
         state_transfer::serve(router, Arc::new(self.donor.clone()));
+        self.schema.register(router);
     }
 
     /// The averaging protocols (for a [`GradientAverager`] or an [`Averager`] of the caller's own).
@@ -279,6 +283,9 @@ struct Inner {
     /// The state round running in the background, if any: a new one is skipped while it runs (Hivemind's
     /// rule), so a slow or lost state round never holds up training.
     state_task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Whether a background gradient round is still looking for its group. A peer looks for one group at a
+    /// time, so the next epoch's round is pre-scheduled only once this search ended.
+    background_search: AtomicBool,
 }
 
 impl Inner {
@@ -427,6 +434,14 @@ impl CollaborativeOptimizer {
         )?;
         // An auxiliary peer never steps: its copy of the parameters is not worth serving.
         shared.set_sharing(!options.auxiliary);
+        if grads.is_some() && !options.auxiliary {
+            services.schema.set(run_schema::RunSchema::new(
+                &tensors,
+                &options.grad_compression,
+                options.part_size_bytes,
+                options.target_batch_size,
+            ));
+        }
         *services.donor.0.write().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
         let accumulator = GradientAccumulator::new(params_len, options.reuse_grad_buffers);
         Ok(Self {
@@ -442,6 +457,7 @@ impl CollaborativeOptimizer {
                 runtime,
                 finished_rounds: std::sync::Mutex::new(Vec::new()),
                 state_task: std::sync::Mutex::new(None),
+                background_search: AtomicBool::new(false),
             }),
             accumulator,
             local_epoch: 0,
@@ -597,7 +613,7 @@ impl CollaborativeOptimizer {
             let scheduled = self.take_scheduled();
             let group = match scheduled {
                 Some(scheduled) => await_group(&self.inner, scheduled).await,
-                None => find_group(&self.inner, epoch, self.expected_peers(true)).await,
+                None => find_group(&self.inner, epoch, self.expected_in_gradient_round(true)).await,
             };
             let result = match group {
                 Ok(group) => match &self.inner.grads {
@@ -798,6 +814,19 @@ impl CollaborativeOptimizer {
         others + 1
     }
 
+    /// Peers expected in a gradient round: [`Self::expected_peers`] plus the live auxiliary peers, which
+    /// publish no progress (they accumulate nothing) but join every gradient round (not the state rounds).
+    fn expected_in_gradient_round(&self, at_boundary: bool) -> usize {
+        let auxiliaries = self
+            .inner
+            .membership
+            .members()
+            .iter()
+            .filter(|m| m.role == Role::Auxiliary)
+            .count();
+        self.expected_peers(at_boundary) + auxiliaries
+    }
+
     /// Starts matchmaking for the gradient round when the epoch's estimated end is within
     /// `matchmaking_time` (Hivemind's pre-scheduling), so the group is ready when the epoch ends.
     fn maybe_schedule_gradient_round(&mut self) {
@@ -812,13 +841,18 @@ impl CollaborativeOptimizer {
                 stale.task.abort();
             }
         }
+        if self.inner.background_search.load(Ordering::Acquire) {
+            // The previous epoch's round (delayed gradient averaging) still looks for its group: a later
+            // step schedules this one.
+            return;
+        }
         let tracker = &self.inner.tracker;
         let now = self.inner.membership.config().clock.as_ref()();
         let eta = tracker.estimated_next_update_time();
         if eta - now > self.inner.options.matchmaking_time.as_secs_f64() {
             return;
         }
-        let expected = self.expected_peers(false);
+        let expected = self.expected_in_gradient_round(false);
         if expected < 2 && tracker.global().num_peers < 2 {
             return;
         }
@@ -875,6 +909,7 @@ impl CollaborativeOptimizer {
         let state_round =
             many && next_epoch.is_multiple_of(options.average_state_every) && !self.inner.state_round_running();
         let expected = self.expected_peers(true);
+        let expected_in_gradient_round = self.expected_in_gradient_round(true);
         self.local_epoch = next_epoch;
         self.check_sync = true;
         self.inner.tracker.update_epoch(next_epoch);
@@ -886,17 +921,23 @@ impl CollaborativeOptimizer {
             optimizer_step: !options.use_local_updates,
             state_round,
             expected,
+            expected_in_gradient_round,
         };
         if options.delay_grad_averaging {
+            let search = job
+                .gradients
+                .as_ref()
+                .is_some_and(|g| g.round)
+                .then(|| BackgroundSearch::start(&inner));
             let task = self.inner.runtime.spawn(async move {
-                let (job, averaged) = gradient_stage(&inner, job).await;
+                let (job, averaged) = gradient_stage(&inner, job, search).await;
                 let job = optimizer_stage(&inner, job, averaged).await;
                 inner.spawn_state_round(job);
             });
             self.background = Some(Background { task });
             return Ok(());
         }
-        let (job, averaged) = gradient_stage(&inner, job).await;
+        let (job, averaged) = gradient_stage(&inner, job, None).await;
         if options.delay_optimizer() {
             let task = self.inner.runtime.spawn(async move {
                 let job = optimizer_stage(&inner, job, averaged).await;
@@ -1003,7 +1044,10 @@ struct EpochJob {
     gradients: Option<GradientJob>,
     optimizer_step: bool,
     state_round: bool,
+    /// Peers expected in the state round.
     expected: usize,
+    /// Peers expected in the gradient round (auxiliary peers too).
+    expected_in_gradient_round: usize,
 }
 
 fn record(inner: &Inner, report: RoundReport) {
@@ -1023,6 +1067,23 @@ fn record(inner: &Inner, report: RoundReport) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(report);
+}
+
+/// Marks a background gradient round's search as running from the epoch's end until the search ends; also
+/// lowered when the background task is aborted, run or not.
+struct BackgroundSearch(Arc<Inner>);
+
+impl BackgroundSearch {
+    fn start(inner: &Arc<Inner>) -> Self {
+        inner.background_search.store(true, Ordering::Release);
+        Self(inner.clone())
+    }
+}
+
+impl Drop for BackgroundSearch {
+    fn drop(&mut self) {
+        self.0.background_search.store(false, Ordering::Release);
+    }
 }
 
 async fn find_group(inner: &Inner, epoch: u64, expected: usize) -> Result<GroupInfo, String> {
@@ -1099,7 +1160,13 @@ fn tag_along(inner: &Arc<Inner>, scheduled: Scheduled) {
 
 /// The gradient round (or the local gradients), as the gradient to step on, or `None` when no peer
 /// accumulated anything.
-async fn gradient_stage(inner: &Arc<Inner>, mut job: EpochJob) -> (EpochJob, Option<Vec<f32>>) {
+///
+/// `search` marks this round's search in the background; it is dropped as soon as the group is known.
+async fn gradient_stage(
+    inner: &Arc<Inner>,
+    mut job: EpochJob,
+    search: Option<BackgroundSearch>,
+) -> (EpochJob, Option<Vec<f32>>) {
     let Some(gradient_job) = job.gradients.take() else {
         return (job, None);
     };
@@ -1113,8 +1180,9 @@ async fn gradient_stage(inner: &Arc<Inner>, mut job: EpochJob) -> (EpochJob, Opt
         .expect("gradient jobs exist only with a gradient averager");
     let group = match gradient_job.scheduled {
         Some(scheduled) => await_group(inner, scheduled).await,
-        None => find_group(inner, job.epoch, job.expected).await,
+        None => find_group(inner, job.epoch, job.expected_in_gradient_round).await,
     };
+    drop(search);
     let local = gradient_job.gradients.local();
     let averaged = match group {
         Err(reason) => Err(reason),
