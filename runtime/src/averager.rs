@@ -10,7 +10,7 @@
 //! pass [`AveragerServices::register`] to [`Membership::start_with`], then start the averager.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colony_averaging::allreduce::{
@@ -276,13 +276,29 @@ impl Averager {
         request.client_mode = self.mode == PeerMode::Client;
         request.scheduled_start = options.scheduled_start;
         request.expected_group_size = options.expected_group_size;
-        Ok(self.matchmaker.look_for_group(request).await?)
+        let timer = MetricsTimer::new(record_matchmaking);
+        let result = self.matchmaker.look_for_group(request).await;
+        timer.finish(match &result {
+            Ok(_) => Ok(()),
+            Err(error) => Err(matchmaking_failure_reason(error)),
+        });
+        Ok(result?)
     }
 
     /// The second half of [`Averager::step`]: averages `tensors` (`None` for an auxiliary) with `group`,
     /// found by [`Averager::find_group`]. Dropping the future cancels the all-reduce.
     pub async fn average_in(&self, group: &GroupInfo, tensors: Option<FlatTensors>) -> Result<Outcome, AveragerError> {
         self.check_tensors(tensors.as_ref())?;
+        let timer = MetricsTimer::new(record_allreduce);
+        let result = self.run_allreduce(group, tensors).await;
+        timer.finish(match &result {
+            Ok(outcome) => Ok(outcome),
+            Err(error) => Err(allreduce_failure_reason(error)),
+        });
+        result
+    }
+
+    async fn run_allreduce(&self, group: &GroupInfo, tensors: Option<FlatTensors>) -> Result<Outcome, AveragerError> {
         let plan = self.plan(group)?;
         let run = allreduce::start(
             &self.services.allreduce,
@@ -351,6 +367,99 @@ impl Averager {
     /// Stops the matchmaker; a step in progress fails.
     pub fn shutdown(&self) {
         self.matchmaker.shutdown();
+    }
+}
+
+/// Times one matchmaking search or all-reduce and records it when finished, or as `cancelled` when the
+/// caller drops the future first (the optimizer does so when a round is abandoned).
+struct MetricsTimer<T> {
+    started: Instant,
+    record: fn(Duration, Result<T, &'static str>),
+    finished: bool,
+}
+
+impl<T> MetricsTimer<T> {
+    fn new(record: fn(Duration, Result<T, &'static str>)) -> Self {
+        Self {
+            started: Instant::now(),
+            record,
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, result: Result<T, &'static str>) {
+        self.finished = true;
+        (self.record)(self.started.elapsed(), result);
+    }
+}
+
+impl<T> Drop for MetricsTimer<T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            (self.record)(self.started.elapsed(), Err("cancelled"));
+        }
+    }
+}
+
+/// `colony_matchmaking_seconds{outcome}` (`found` or the failure's reason) and
+/// `colony_matchmaking_failures_total{reason}`.
+fn record_matchmaking(elapsed: Duration, result: Result<(), &'static str>) {
+    let outcome = match result {
+        Ok(()) => "found",
+        Err(reason) => {
+            metrics::counter!("colony_matchmaking_failures_total", "reason" => reason).increment(1);
+            reason
+        }
+    };
+    metrics::histogram!("colony_matchmaking_seconds", "outcome" => outcome).record(elapsed.as_secs_f64());
+}
+
+fn matchmaking_failure_reason(error: &MatchmakingError) -> &'static str {
+    match error {
+        MatchmakingError::NoGroup { .. } => "no_group",
+        MatchmakingError::Cancelled => "cancelled",
+        MatchmakingError::AlreadyLooking => "already_looking",
+        MatchmakingError::InvalidRequest(_) => "invalid_request",
+        MatchmakingError::InvalidConfig(_) => "invalid_config",
+        MatchmakingError::Shutdown => "shutdown",
+    }
+}
+
+/// `colony_allreduce_seconds` for a round that finished (even with parts kept local), and
+/// `colony_allreduce_failures_total{reason}` for a round that did not, or for each peer that failed this one
+/// within a finished round.
+fn record_allreduce(elapsed: Duration, result: Result<&Outcome, &'static str>) {
+    let failures = |reason: &'static str, count: usize| {
+        if count > 0 {
+            metrics::counter!("colony_allreduce_failures_total", "reason" => reason).increment(count as u64);
+        }
+    };
+    match result {
+        Ok(outcome) => {
+            metrics::histogram!("colony_allreduce_seconds").record(elapsed.as_secs_f64());
+            let report = &outcome.report;
+            failures("reducer_failed", report.failed_reducers.len());
+            failures("sender_dropped", report.dropped_senders.len());
+            failures("partial_timeout", usize::from(report.timed_out));
+        }
+        Err(reason) => failures(reason, 1),
+    }
+}
+
+fn allreduce_failure_reason(error: &AveragerError) -> &'static str {
+    match error {
+        AveragerError::Matchmaking(_) => "matchmaking",
+        AveragerError::BadGather { .. } => "bad_gather",
+        AveragerError::Balance(_) => "balance",
+        AveragerError::BadInput(_) => "bad_input",
+        AveragerError::AllReduce(error) => match error {
+            AllReduceError::InvalidPlan(_) => "invalid_plan",
+            AllReduceError::NotAMember(..) => "not_a_member",
+            AllReduceError::BadInput(_) => "bad_input",
+            AllReduceError::Partition(_) => "partition",
+            AllReduceError::Timeout(_) => "timeout",
+            AllReduceError::Cancelled => "cancelled",
+        },
     }
 }
 

@@ -208,15 +208,10 @@ fn describe_metrics() {
         "colony_records_refused_total",
         "Records refused by the local record store, by reason."
     );
-    describe_counter!(
-        "colony_state_transfer_bytes_total",
-        Unit::Bytes,
-        "Model state bytes transferred, by direction."
-    );
     describe_histogram!(
         "colony_state_transfer_seconds",
         Unit::Seconds,
-        "Duration of a state transfer (load_state_from_peers), by direction and outcome."
+        "Duration of a state download from peers (load_state_from_peers), by outcome."
     );
     describe_gauge!("colony_epoch", "This peer's local epoch.");
     describe_gauge!("colony_global_epoch", "The swarm's epoch as this peer estimates it.");

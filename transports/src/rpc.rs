@@ -31,11 +31,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
+use crate::address::Scheme;
 use crate::error::StreamError;
 use crate::identity::PeerId;
 use crate::transport::{Connection, RecvStream, SendStream};
 use crate::wire::{
-    ErrorHeader, FrameKind, FrameLimits, OpenHeader, ProtocolId, WireError, WireMessage, read_frame, write_frame,
+    ErrorHeader, FrameKind, FrameLimits, OpenHeader, PREAMBLE_LEN, ProtocolId, WireError, WireMessage, read_frame,
+    write_frame,
 };
 
 /// Longest error message put into an error frame.
@@ -157,6 +159,22 @@ impl Default for StreamConfig {
     }
 }
 
+/// The `colony_bytes_sent_total` and `colony_bytes_received_total` counters of one transport and protocol.
+///
+/// Looked up once per stream (a stream costs far more than the registry's hash lookup), and kept in the
+/// stream halves, so that frames and bulk chunks only add to an atomic. Not cached across streams: a handle
+/// taken before the process installs its recorder would stay a no-op.
+fn stream_meters(transport: Scheme, protocol: &ProtocolId) -> (metrics::Counter, metrics::Counter) {
+    let labels = [
+        ("transport", transport.as_str().to_owned()),
+        ("protocol", protocol.name().to_owned()),
+    ];
+    (
+        metrics::counter!("colony_bytes_sent_total", &labels),
+        metrics::counter!("colony_bytes_received_total", &labels),
+    )
+}
+
 /// Opens a stream on `conn` speaking `protocol`. The open frame is sent at once; if the acceptor refuses the
 /// protocol, the first receive fails with its reason.
 pub async fn open<Resp: WireMessage>(
@@ -164,7 +182,10 @@ pub async fn open<Resp: WireMessage>(
     protocol: &ProtocolId,
     config: &StreamConfig,
 ) -> Result<(FramedSend, FramedRecv<Resp>), WireError> {
-    let (mut send, recv) = conn.open_stream().await?;
+    let (mut send, mut recv) = conn.open_stream().await?;
+    let (sent, received) = stream_meters(conn.remote_address().scheme(), protocol);
+    send.set_meter(sent);
+    recv.set_meter(received);
     let header = OpenHeader {
         protocol: protocol.to_string(),
     }
@@ -305,13 +326,14 @@ impl Router {
     /// this future: dropping it cancels them.
     pub async fn serve(self: Arc<Self>, conn: Connection) {
         let mut tasks = JoinSet::new();
+        let transport = conn.remote_address().scheme();
         loop {
             tokio::select! {
                 accepted = conn.accept_stream() => match accepted {
                     Ok((send, recv)) => {
                         let router = self.clone();
                         let peer = conn.remote_peer();
-                        tasks.spawn(async move { router.handle_stream(peer, send, recv).await });
+                        tasks.spawn(async move { router.handle_stream(peer, transport, send, recv).await });
                     }
                     Err(_) => break,
                 },
@@ -321,11 +343,16 @@ impl Router {
         tasks.shutdown().await;
     }
 
-    async fn handle_stream(&self, peer: PeerId, send: SendStream, mut recv: RecvStream) {
+    async fn handle_stream(&self, peer: PeerId, transport: Scheme, send: SendStream, mut recv: RecvStream) {
         let mut send = FramedSend::new(send);
         let result = match self.route(&mut recv).await {
-            Ok((protocol, handler)) => {
+            Ok((protocol, handler, open_frame_len)) => {
                 self.stats.streams_served.fetch_add(1, Ordering::Relaxed);
+                // Only served protocols get counters, so a remote cannot create label values at will.
+                let (sent, received) = stream_meters(transport, &protocol);
+                received.increment(open_frame_len);
+                send.send.set_meter(sent);
+                recv.set_meter(received);
                 let incoming = IncomingStream {
                     peer,
                     protocol,
@@ -351,7 +378,8 @@ impl Router {
         }
     }
 
-    async fn route(&self, recv: &mut RecvStream) -> Result<(ProtocolId, Handler), WireError> {
+    /// Reads and checks the open frame; returns the protocol, its handler and the open frame's length.
+    async fn route(&self, recv: &mut RecvStream) -> Result<(ProtocolId, Handler, u64), WireError> {
         let frame = tokio::time::timeout(self.config.open_timeout, read_frame(recv, &self.config.limits))
             .await
             .map_err(|_| StreamError::Timeout {
@@ -386,6 +414,7 @@ impl Router {
                 supported: *supported,
             });
         }
-        Ok((protocol, handler.clone()))
+        let open_frame_len = (PREAMBLE_LEN + frame.header.len() + frame.payload.len()) as u64;
+        Ok((protocol, handler.clone(), open_frame_len))
     }
 }

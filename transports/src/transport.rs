@@ -203,12 +203,25 @@ pub trait RecvStreamImpl: Send {
 
 /// The sending half of a stream. Dropping it without [`SendStream::finish`] resets the stream, so that a
 /// reader never mistakes an interrupted writer for a complete message.
-pub struct SendStream(Box<dyn SendStreamImpl>);
+pub struct SendStream {
+    inner: Box<dyn SendStreamImpl>,
+    /// `colony_bytes_sent_total` for this stream's transport and protocol, set by [`crate::rpc`] once the
+    /// protocol is known; a no-op counter until then (and when no metrics recorder is installed).
+    sent: metrics::Counter,
+}
 
 impl SendStream {
     /// Wraps an implementation.
     pub fn new(inner: Box<dyn SendStreamImpl>) -> Self {
-        Self(inner)
+        Self {
+            inner,
+            sent: metrics::Counter::noop(),
+        }
+    }
+
+    /// Counts the bytes written from now on into `sent`.
+    pub(crate) fn set_meter(&mut self, sent: metrics::Counter) {
+        self.sent = sent;
     }
 
     /// Sends `data` without copying it.
@@ -216,7 +229,10 @@ impl SendStream {
         if data.is_empty() {
             return Ok(());
         }
-        self.0.write_chunk(data).await
+        let len = data.len() as u64;
+        self.inner.write_chunk(data).await?;
+        self.sent.increment(len);
+        Ok(())
     }
 
     /// Sends a copy of `data`.
@@ -226,12 +242,12 @@ impl SendStream {
 
     /// Ends the stream gracefully.
     pub async fn finish(&mut self) -> Result<(), StreamError> {
-        self.0.finish().await
+        self.inner.finish().await
     }
 
     /// Aborts the stream.
     pub fn reset(&mut self, code: u32) {
-        self.0.reset(code)
+        self.inner.reset(code)
     }
 }
 
@@ -239,6 +255,9 @@ impl SendStream {
 pub struct RecvStream {
     inner: Box<dyn RecvStreamImpl>,
     buffered: Bytes,
+    /// `colony_bytes_received_total` for this stream's transport and protocol, counted as bytes are handed
+    /// out (so the look-ahead buffer is counted once); set by [`crate::rpc`], a no-op counter until then.
+    received: metrics::Counter,
 }
 
 /// Upper bound on one chunk handed out by [`RecvStream::read_chunk`] when the caller does not care.
@@ -250,7 +269,13 @@ impl RecvStream {
         Self {
             inner,
             buffered: Bytes::new(),
+            received: metrics::Counter::noop(),
         }
+    }
+
+    /// Counts the bytes read from now on into `received`.
+    pub(crate) fn set_meter(&mut self, received: metrics::Counter) {
+        self.received = received;
     }
 
     /// The next chunk of at most `max_len` bytes, or `None` at the end of the stream.
@@ -258,6 +283,7 @@ impl RecvStream {
         let max_len = max_len.max(1);
         if !self.buffered.is_empty() {
             let take = self.buffered.len().min(max_len);
+            self.received.increment(take as u64);
             return Ok(Some(self.buffered.split_to(take)));
         }
         loop {
@@ -267,6 +293,7 @@ impl RecvStream {
                     if chunk.len() > max_len {
                         self.buffered = chunk.split_off(max_len);
                     }
+                    self.received.increment(chunk.len() as u64);
                     return Ok(Some(chunk));
                 }
                 None => return Ok(None),

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use colony_transports::rpc::{self, StreamConfig};
@@ -42,6 +42,27 @@ const EVENT_QUEUE: usize = 64;
 /// Cancel-safe: every stream and task it starts belongs to the returned future; dropping the future aborts
 /// them (each stops, and closes its stream, at its next poll).
 pub async fn download(
+    connector: &dyn Connector,
+    donors: &[Donor],
+    layout: &Arc<TensorLayout>,
+    own_epoch: Option<u64>,
+    config: &DownloadConfig,
+) -> Result<DownloadedState, DownloadError> {
+    let started = Instant::now();
+    let result = download_timed(connector, donors, layout, own_epoch, config).await;
+    let outcome = match &result {
+        Ok(_) => "loaded",
+        Err(DownloadError::NoDonors) => "no_donors",
+        Err(DownloadError::InvalidConfig(_)) => "invalid_config",
+        Err(DownloadError::Exhausted { .. }) => "exhausted",
+        Err(DownloadError::TimedOut { .. }) => "timed_out",
+    };
+    // The bytes are counted by the transport under `protocol="state"`.
+    metrics::histogram!("colony_state_transfer_seconds", "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn download_timed(
     connector: &dyn Connector,
     donors: &[Donor],
     layout: &Arc<TensorLayout>,

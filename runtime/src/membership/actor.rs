@@ -53,6 +53,33 @@ pub(crate) struct MembershipActor {
     sync_in_flight: bool,
     sync_ticks: u64,
     left: bool,
+    /// `colony_peers{role}`, one gauge per role, taken when the actor starts.
+    peer_gauges: PeerGauges,
+}
+
+/// The `colony_peers{role}` gauges: the other members this peer sees alive, by role.
+struct PeerGauges([(Role, metrics::Gauge); 3]);
+
+impl PeerGauges {
+    fn new() -> Self {
+        Self([Role::Trainer, Role::Client, Role::Auxiliary].map(|role| {
+            let gauge = metrics::gauge!("colony_peers", "role" => role.to_string());
+            gauge.set(0.0);
+            (role, gauge)
+        }))
+    }
+
+    fn publish(&self, members: &HashMap<PeerId, MemberInfo>) {
+        for (role, gauge) in &self.0 {
+            gauge.set(members.values().filter(|member| member.role == *role).count() as f64);
+        }
+    }
+
+    fn clear(&self) {
+        for (_, gauge) in &self.0 {
+            gauge.set(0.0);
+        }
+    }
 }
 
 impl MembershipActor {
@@ -68,6 +95,7 @@ impl MembershipActor {
             sync_in_flight: false,
             sync_ticks: 0,
             left: false,
+            peer_gauges: PeerGauges::new(),
         }
     }
 
@@ -210,6 +238,8 @@ impl MembershipActor {
             #[allow(unreachable_patterns)]
             _ => {}
         }
+        self.peer_gauges
+            .publish(&shared.members.read().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Sends the records backlog to random members now. Two rounds of foca's fan-out (three members each):
@@ -526,6 +556,7 @@ impl Handler<Leave> for MembershipActor {
     fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) {
         if !self.left {
             self.left = true;
+            self.peer_gauges.clear();
             if let Err(error) = self.swim.leave_cluster(&mut self.runtime) {
                 tracing::debug!(%error, "leaving the swarm");
             }

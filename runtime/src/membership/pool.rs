@@ -55,6 +55,10 @@ pub struct Pool {
     limits: PoolLimits,
     runtime: tokio::runtime::Handle,
     inner: Mutex<Inner>,
+    /// `colony_bytes_sent_total` / `colony_bytes_received_total` for membership datagrams (`protocol="swim"`):
+    /// taken once, as a datagram is too small to look a metric up for.
+    datagram_bytes_sent: metrics::Counter,
+    datagram_bytes_received: metrics::Counter,
 }
 
 impl Pool {
@@ -67,7 +71,15 @@ impl Pool {
         limits: PoolLimits,
         runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
+        let labels = [
+            ("transport", transport.scheme().as_str().to_owned()),
+            ("protocol", "swim".to_owned()),
+        ];
+        let datagram_bytes_sent = metrics::counter!("colony_bytes_sent_total", &labels);
+        let datagram_bytes_received = metrics::counter!("colony_bytes_received_total", &labels);
         Arc::new(Self {
+            datagram_bytes_sent,
+            datagram_bytes_received,
             transport,
             router,
             datagrams,
@@ -149,17 +161,19 @@ impl Pool {
         {
             inner.retired.push((old.conn, Instant::now()));
         }
-        let (router, sink, losses, served) = (
+        let (router, sink, losses, served, received) = (
             self.router.clone(),
             self.datagrams.clone(),
             self.losses.clone(),
             conn.clone(),
+            self.datagram_bytes_received.clone(),
         );
         inner.tasks.spawn_on(
             async move {
                 let streams = router.serve(served.clone());
                 let datagrams = async {
                     while let Ok(data) = served.recv_datagram().await {
+                        received.increment(data.len() as u64);
                         sink(peer, data);
                     }
                 };
@@ -239,10 +253,13 @@ impl Pool {
 
     /// Sends a datagram to `peer` over its open connection. Returns false when there is none.
     pub fn send_datagram(&self, peer: &PeerId, data: Bytes) -> bool {
-        match self.get(peer) {
-            Some(conn) => conn.send_datagram(data).is_ok(),
-            None => false,
+        let Some(conn) = self.get(peer) else { return false };
+        let len = data.len() as u64;
+        let sent = conn.send_datagram(data).is_ok();
+        if sent {
+            self.datagram_bytes_sent.increment(len);
         }
+        sent
     }
 
     /// How many connections are open.
