@@ -15,4 +15,5 @@ pub mod optimizer;
 pub mod peer;
 pub mod progress;
 pub mod records;
+pub mod status;
 pub mod telemetry;

@@ -38,6 +38,11 @@ enum Command {
     /// (`joined PEER ROLE ADDRESS`) or leaves (`left PEER`); logs go to standard error. SIGINT or SIGTERM
     /// leaves the swarm gracefully and exits.
     Node(NodeArgs),
+    /// Show a run's swarm: joins through --initial-peer as a client-mode observer (it publishes nothing and
+    /// is counted by no trainer), reads the peers' progress records and prints the global epoch, samples
+    /// against the target, samples/s, ETA, members by role and one row per peer; --watch refreshes in
+    /// place, --json prints one JSON object (per refresh). Leaves the swarm gracefully when done.
+    Status(colony::status::StatusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,6 +109,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(node(args))
+        }
+        Command::Status(args) => {
+            // Warnings only: standard output carries the status (a script reads it with --json).
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(colony::status::run(args)).map_err(anyhow::Error::from)
         }
         Command::Keygen { out, force } => {
             if out.exists() && !force {

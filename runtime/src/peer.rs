@@ -164,3 +164,44 @@ async fn fetch_schema(membership: &Membership, timeout: Duration) -> Result<RunS
         tokio::time::sleep(Duration::from_millis(200).min(left)).await;
     }
 }
+
+/// Drives an auxiliary peer until `stop` resolves: [`CollaborativeOptimizer::step_auxiliary`] every `poll`
+/// (it returns at once when no round is due), logging each round. Returns the rounds reduced and failed.
+pub async fn run_auxiliary(
+    optimizer: &mut CollaborativeOptimizer,
+    poll: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> (u64, u64) {
+    let (mut reduced, mut failed) = (0u64, 0u64);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            outcome = optimizer.step_auxiliary() => match outcome {
+                Ok(outcome) => {
+                    for round in &outcome.rounds {
+                        match &round.result {
+                            crate::optimizer::RoundResult::Averaged { peers } => {
+                                reduced += 1;
+                                tracing::info!(epoch = round.epoch, peers, "reduced a gradient round");
+                            }
+                            crate::optimizer::RoundResult::Failed { reason } => {
+                                failed += 1;
+                                tracing::info!(epoch = round.epoch, "gradient round failed: {reason}");
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!("the auxiliary optimizer stopped: {error}");
+                    break;
+                }
+            },
+        }
+        tokio::select! {
+            () = &mut stop => break,
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+    (reduced, failed)
+}

@@ -4,8 +4,10 @@
 //!
 //! - Every peer that trains publishes its [`LocalProgress`] (epoch, samples accumulated in it, its measured
 //!   rate, when it measured) as the record `progress` under its own [`Subkey::Peer`], signed, with an
-//!   expiration [`ProgressConfig::metadata_expiration`] ahead. [`LocalProgress::encode`] is a 66-byte
-//!   versioned layout; [`register_schema`] makes every peer refuse anything else.
+//!   expiration [`ProgressConfig::metadata_expiration`] ahead. [`LocalProgress::encode`] is a 74-byte
+//!   versioned layout; [`register_schema`] makes every peer refuse anything else. The record also carries
+//!   the peer's `target_batch_size`, so that an observer (`colony status`) can show samples against the
+//!   target without being configured with it.
 //! - [`estimate`] turns the records into a [`GlobalProgress`]: the swarm's epoch, the samples at it, an ETA
 //!   extrapolated from each peer's rate, and when to look again (sooner as the epoch nears).
 //! - [`PerformanceEma`] measures the local rate (samples per second), bias-corrected.
@@ -56,9 +58,9 @@ pub enum ProgressError {
 }
 
 /// The version byte that opens an encoded [`LocalProgress`].
-const ENCODING_VERSION: u8 = 1;
-/// version, peer, epoch, samples, rate, time, flags.
-const ENCODED_LEN: usize = 1 + PEER_ID_LEN + 8 + 8 + 8 + 8 + 1;
+const ENCODING_VERSION: u8 = 2;
+/// version, peer, epoch, samples, rate, time, target, flags.
+const ENCODED_LEN: usize = 1 + PEER_ID_LEN + 8 + 8 + 8 + 8 + 8 + 1;
 const FLAG_CLIENT_MODE: u8 = 1;
 
 /// One peer's progress, as it publishes it.
@@ -76,11 +78,14 @@ pub struct LocalProgress {
     pub time: Time,
     /// Whether it is a client-mode peer: its epoch does not move the swarm's epoch.
     pub client_mode: bool,
+    /// The samples per epoch this peer is configured with (`>= 1`; every peer of a healthy run has the
+    /// same). Carried for observers: the estimate uses the local configuration's.
+    pub target_batch_size: u64,
 }
 
 impl LocalProgress {
-    /// The record value: version 1, the peer id, epoch, samples, rate and time, little-endian, then a flags
-    /// byte (bit 0: client mode). 66 bytes.
+    /// The record value: version 2, the peer id, epoch, samples, rate, time and target batch size,
+    /// little-endian, then a flags byte (bit 0: client mode). 74 bytes.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(ENCODED_LEN);
         out.put_u8(ENCODING_VERSION);
@@ -89,12 +94,13 @@ impl LocalProgress {
         out.put_u64_le(self.samples_accumulated);
         out.put_f64_le(self.samples_per_second);
         out.put_f64_le(self.time);
+        out.put_u64_le(self.target_batch_size);
         out.put_u8(if self.client_mode { FLAG_CLIENT_MODE } else { 0 });
         out.freeze()
     }
 
     /// Reads a record value (network bytes): exactly the layout of [`LocalProgress::encode`], with a finite,
-    /// non-negative rate, a finite time, and no unknown flag.
+    /// non-negative rate, a finite time, a target of at least 1, and no unknown flag.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProgressError> {
         let invalid = |reason: String| Err(ProgressError::InvalidRecord(reason));
         if bytes.len() != ENCODED_LEN {
@@ -117,10 +123,14 @@ impl LocalProgress {
             samples_accumulated: u64::from_le_bytes(word(1)),
             samples_per_second: f64::from_le_bytes(word(2)),
             time: f64::from_le_bytes(word(3)),
-            client_mode: rest[32] & FLAG_CLIENT_MODE != 0,
+            target_batch_size: u64::from_le_bytes(word(4)),
+            client_mode: rest[40] & FLAG_CLIENT_MODE != 0,
         };
-        if rest[32] & !FLAG_CLIENT_MODE != 0 {
-            return invalid(format!("unknown flags {:#04x}", rest[32]));
+        if rest[40] & !FLAG_CLIENT_MODE != 0 {
+            return invalid(format!("unknown flags {:#04x}", rest[40]));
+        }
+        if progress.target_batch_size == 0 {
+            return invalid("target_batch_size 0, expected at least 1".into());
         }
         if !progress.samples_per_second.is_finite() || progress.samples_per_second < 0.0 {
             return invalid(format!(
@@ -548,6 +558,7 @@ impl ProgressState {
             samples_per_second: ema.samples_per_second(),
             time: now,
             client_mode: config.client_mode,
+            target_batch_size: config.target_batch_size,
         };
         let global = estimate(&[], &local, now, &config);
         Self {
@@ -835,6 +846,7 @@ mod tests {
             samples_per_second: rate,
             time,
             client_mode,
+            target_batch_size: 4096,
         }
     }
 
@@ -1021,10 +1033,13 @@ mod tests {
         for bad_time in [f64::NAN, f64::INFINITY] {
             assert!(with(time_at, &bad_time.to_le_bytes()).is_err(), "time {bad_time}");
         }
-        assert!(with(0, &[2]).is_err(), "unknown version");
+        assert!(with(0, &[1]).is_err(), "the version without a target");
+        assert!(with(0, &[3]).is_err(), "unknown version");
+        let target_at = time_at + 8;
+        assert!(with(target_at, &0u64.to_le_bytes()).is_err(), "target 0");
         assert!(with(ENCODED_LEN - 1, &[3]).is_err(), "unknown flag");
         let error = LocalProgress::decode(&bytes[..ENCODED_LEN - 1]).unwrap_err();
-        assert!(error.to_string().contains("65 bytes"), "{error}");
+        assert!(error.to_string().contains("73 bytes"), "{error}");
         let mut longer = bytes.to_vec();
         longer.push(0);
         assert!(LocalProgress::decode(&longer).is_err());

@@ -573,7 +573,24 @@ impl CollaborativeOptimizer {
         }
         outcome.epoch = self.local_epoch;
         self.collect_rounds(&mut outcome);
+        self.publish_gauges();
         Ok(outcome)
+    }
+
+    /// The progress gauges (`colony_epoch`, `colony_global_epoch`, `colony_samples_accumulated`,
+    /// `colony_target_batch_size`, `colony_eta_seconds`); no-ops unless a metrics recorder is installed.
+    fn publish_gauges(&self) {
+        let tracker = &self.inner.tracker;
+        let global = tracker.global();
+        let now = self.inner.membership.config().clock.as_ref()();
+        metrics::gauge!("colony_epoch").set(self.local_epoch as f64);
+        metrics::gauge!("colony_global_epoch").set(global.epoch as f64);
+        metrics::gauge!("colony_samples_accumulated").set(global.samples_accumulated as f64);
+        metrics::gauge!("colony_target_batch_size").set(self.inner.options.target_batch_size as f64);
+        let eta = global.eta_next_epoch - now;
+        if eta.is_finite() {
+            metrics::gauge!("colony_eta_seconds").set(eta.max(0.0));
+        }
     }
 
     /// [`CollaborativeOptimizer::step`] for plain (non-async) training loops: blocks the calling thread,
@@ -627,6 +644,8 @@ impl CollaborativeOptimizer {
                 },
                 Err(reason) => RoundResult::Failed { reason },
             };
+            let averaged = matches!(result, RoundResult::Averaged { .. });
+            record_round_metrics("gradient", averaged, started.elapsed());
             self.local_epoch = (epoch + 1).max(self.inner.tracker.global().epoch);
             self.inner.tracker.update_epoch(self.local_epoch);
             outcome.epoch_finished = true;
@@ -638,6 +657,8 @@ impl CollaborativeOptimizer {
             });
         }
         outcome.epoch = self.local_epoch;
+        self.collect_rounds(&mut outcome);
+        self.publish_gauges();
         Ok(outcome)
     }
 
@@ -975,7 +996,10 @@ impl CollaborativeOptimizer {
             return;
         }
         let state = self.inner.shared.lock();
+        let started = Instant::now();
         kernels::copy(params, &state.params);
+        metrics::histogram!("colony_offload_copy_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("colony_offload_copy_bytes_total").increment(std::mem::size_of_val(params) as u64);
         self.seen_version = state.version;
         outcome.parameters_updated = true;
     }
@@ -993,7 +1017,9 @@ impl CollaborativeOptimizer {
         }
         let inner = self.inner.clone();
         inner.shared.set_sharing(false);
+        let started = Instant::now();
         let result = download_state(&inner, self.local_epoch).await;
+        record_round_metrics("load_state", result.is_ok(), started.elapsed());
         inner.shared.set_sharing(!inner.options.auxiliary);
         let loaded = result?;
         let global = inner.tracker.global().epoch;
@@ -1059,6 +1085,15 @@ fn record(inner: &Inner, report: RoundReport) {
         (RoundKind::State, RoundResult::Failed { .. }) => &counters.state_failures,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    let kind = match report.kind {
+        RoundKind::Gradients => "gradient",
+        RoundKind::State => "state",
+    };
+    record_round_metrics(
+        kind,
+        matches!(report.result, RoundResult::Averaged { .. }),
+        report.duration,
+    );
     if let RoundResult::Failed { reason } = &report.result {
         tracing::info!(epoch = report.epoch, kind = ?report.kind, "round failed, going on with local values: {reason}");
     }
@@ -1067,6 +1102,14 @@ fn record(inner: &Inner, report: RoundReport) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(report);
+}
+
+/// `colony_rounds_total{kind, outcome}` and `colony_round_seconds{kind, outcome}` (outcome `averaged` or
+/// `failed`).
+fn record_round_metrics(kind: &'static str, averaged: bool, duration: Duration) {
+    let outcome = if averaged { "averaged" } else { "failed" };
+    metrics::counter!("colony_rounds_total", "kind" => kind, "outcome" => outcome).increment(1);
+    metrics::histogram!("colony_round_seconds", "kind" => kind, "outcome" => outcome).record(duration.as_secs_f64());
 }
 
 /// Marks a background gradient round's search as running from the epoch's end until the search ends; also
@@ -1223,9 +1266,11 @@ async fn optimizer_stage(inner: &Arc<Inner>, job: EpochJob, grads: Option<Vec<f3
         let mut state = shared.lock();
         match grads.filter(|_| step) {
             Some(grads) => {
+                let started = Instant::now();
                 let result = state.step(&grads, &schedule, next_epoch);
                 if result.is_ok() {
                     counters.optimizer_steps.fetch_add(1, Ordering::Relaxed);
+                    metrics::histogram!("colony_optimizer_step_seconds").record(started.elapsed().as_secs_f64());
                 }
                 result
             }
