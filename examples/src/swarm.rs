@@ -1,82 +1,47 @@
-//! A training peer of the example task: the flags every Colony option maps to, and the training loop that
-//! a peer (in the demo's threads or the trainer's process) runs with a [`CollaborativeOptimizer`].
+//! A training peer of the example task: its flags (the model's and the data's, a configuration file, and
+//! Colony's own optimizer flags), and the training loop that a peer (in the demo's threads or the trainer's
+//! process) runs with a [`CollaborativeOptimizer`].
 //!
 //! [`CollaborativeOptimizer`]: colony::optimizer::CollaborativeOptimizer
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
+use colony::config::{Config, OptimizerRule, OptimizerSettings};
 use colony::optimizer::{CollaborativeOptions, RoundKind, RoundResult};
 use colony::peer::TrainingPeer;
-use colony_averaging::codec::{Codec, CodecPolicy};
 use colony_averaging::tensor::TensorInfo;
-use colony_offload::{LrSchedule, OptimizerConfig, OptimizerKind, ParamGroup};
+use colony_offload::LrSchedule;
 
 use crate::data::{Batches, DataSpec, Dataset};
 use crate::model::{Evaluation, Mlp, MlpSpec};
 
-/// The optimizer rule of the example trainer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Rule {
-    /// SGD with momentum 0.9.
-    Sgd,
-    /// Adam.
-    Adam,
-    /// AdamW with weight decay 0.01.
-    Adamw,
-    /// LAMB with weight decay 0.01.
-    Lamb,
-}
-
-/// A codec by name, for the compression flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CodecFlag {
-    /// Exact `f32`.
-    None,
-    /// IEEE half precision.
-    Float16,
-    /// Per-row scaled half precision.
-    ScaledFloat16,
-    /// Uniform 8-bit.
-    Uniform8bit,
-    /// Quantile 8-bit.
-    Quantile8bit,
-    /// Blockwise 8-bit.
-    Blockwise8bit,
-}
-
-impl CodecFlag {
-    fn codec(self) -> Codec {
-        match self {
-            Self::None => Codec::None,
-            Self::Float16 => Codec::Float16,
-            Self::ScaledFloat16 => Codec::ScaledFloat16,
-            Self::Uniform8bit => Codec::Uniform8Bit,
-            Self::Quantile8bit => Codec::Quantile8Bit,
-            Self::Blockwise8bit => Codec::Blockwise8Bit,
-        }
+/// The example trainer's values for the optimizer keys that Colony leaves to the application (the three
+/// arguments of `CollaborativeOptions::new` and the batch size of a step); a file or a flag overrides them.
+pub fn trainer_defaults() -> OptimizerSettings {
+    OptimizerSettings {
+        target_batch_size: Some(1024),
+        batch_size_per_step: Some(64),
+        optimizer: Some(OptimizerRule::Adam),
+        lr: Some(0.002),
+        ..OptimizerSettings::default()
     }
 }
 
-/// The model, the data and every option of the collaborative optimizer, as command-line flags (the names
-/// are the options' names with dashes).
+/// The model, the data and the training loop's flags, a configuration file, and every option of the
+/// collaborative optimizer as Colony's own flags ([`OptimizerSettings`]: the options' names with dashes,
+/// durations in seconds). Values merge as the trainer's defaults ([`trainer_defaults`], then
+/// `CollaborativeOptions::new`'s) < `--config FILE` < flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainFlags {
-    /// Samples the swarm accumulates per epoch.
-    #[arg(long, default_value_t = 1024)]
-    pub target_batch_size: u64,
-    /// Samples per local step.
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: u32,
-    /// Optimizer rule.
-    #[arg(long, value_enum, default_value = "adam")]
-    pub optimizer: Rule,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.002)]
-    pub lr: f32,
-    /// Learning-rate warm-up epochs (then constant).
+    /// A configuration file (TOML, see docs/configuration.md): its `[optimizer]` keys are the optimizer flags'
+    /// names with underscores (its `[node]` keys those of the trainer's peer flags); a flag overrides the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Learning-rate warm-up epochs, then constant (a schedule of its own; leave `scheduler` unset).
     #[arg(long, default_value_t = 0)]
     pub warmup_epochs: u64,
     /// Hidden layer widths, comma-separated (avoid powers of two: they run slower in candle's matmul).
@@ -103,66 +68,9 @@ pub struct TrainFlags {
     /// Validation samples used by the periodic evaluations (the final one uses all).
     #[arg(long, default_value_t = 2048)]
     pub eval_samples: usize,
-    /// Seconds before the epoch's estimated end that matchmaking starts (an upper bound of its wait).
-    #[arg(long, default_value_t = 15.0)]
-    pub matchmaking_time: f64,
-    /// Seconds a round may take before the peer goes on with local values.
-    #[arg(long, default_value_t = 60.0)]
-    pub averaging_timeout: f64,
-    /// Seconds one all-reduce may take (default: averaging_timeout).
-    #[arg(long)]
-    pub allreduce_timeout: Option<f64>,
-    /// Seconds to wait for a peer's next part or chunk (default: matchmaking_time).
-    #[arg(long)]
-    pub next_chunk_timeout: Option<f64>,
-    /// Seconds one state download may take.
-    #[arg(long, default_value_t = 600.0)]
-    pub load_state_timeout: f64,
-    /// Accumulate in the trainer's gradient buffer.
-    #[arg(long)]
-    pub reuse_grad_buffers: bool,
-    /// Step the optimizer on Colony's host copy (default: unless use_local_updates).
-    #[arg(long)]
-    pub offload_optimizer: Option<bool>,
-    /// Run the optimizer step in the background (default: delay_grad_averaging).
-    #[arg(long)]
-    pub delay_optimizer_step: Option<bool>,
-    /// Run the gradient round in the background.
-    #[arg(long)]
-    pub delay_grad_averaging: bool,
-    /// Run state rounds in the background.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub delay_state_averaging: bool,
-    /// Average the state every this many epochs.
-    #[arg(long, default_value_t = 1)]
-    pub average_state_every: u64,
-    /// Step on local gradients at every step; average only the state.
-    #[arg(long)]
-    pub use_local_updates: bool,
-    /// Never accept connections (behind NAT).
-    #[arg(long)]
-    pub client_mode: bool,
-    /// Gradient codec.
-    #[arg(long, value_enum, default_value = "none")]
-    pub grad_compression: CodecFlag,
-    /// State codec.
-    #[arg(long, value_enum, default_value = "none")]
-    pub state_averaging_compression: CodecFlag,
-    /// Optimizer statistics averaged with the parameters (e.g. exp_avg_sq).
-    #[arg(long, value_delimiter = ',')]
-    pub average_opt_statistics: Vec<String>,
-    /// Smallest group.
-    #[arg(long, default_value_t = 2)]
-    pub min_group_size: usize,
-    /// Group size that assembles at once.
-    #[arg(long)]
-    pub target_group_size: Option<usize>,
-    /// Seconds a follower waits for a leader.
-    #[arg(long, default_value_t = 3.0)]
-    pub request_timeout: f64,
-    /// Declared bandwidth for load balancing (Mbit/s).
-    #[arg(long)]
-    pub bandwidth: Option<f64>,
+    /// The collaborative optimizer's options given as flags (unset: the file's value, then the default).
+    #[command(flatten)]
+    pub optimizer: OptimizerSettings,
 }
 
 impl TrainFlags {
@@ -185,70 +93,44 @@ impl TrainFlags {
         }
     }
 
-    /// The optimizer's options for a model of `tensors`.
+    /// The whole configuration: the trainer's defaults < `--config` < the flags (the `[node]` section is the
+    /// file's; the trainer's own peer flags override it).
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let file = Config::load_optional(self.config.as_deref())?;
+        let defaults = Config {
+            optimizer: trainer_defaults(),
+            ..Config::default()
+        };
+        let flags = Config {
+            optimizer: self.optimizer.clone(),
+            ..Config::default()
+        };
+        Ok(defaults.overlay(&file).overlay(&flags))
+    }
+
+    /// The merged optimizer settings (every key the trainer needs is set).
+    pub fn settings(&self) -> anyhow::Result<OptimizerSettings> {
+        Ok(self.config()?.optimizer)
+    }
+
+    /// The optimizer's options for a model of `tensors`, checked.
     pub fn options(&self, tensors: &[TensorInfo]) -> anyhow::Result<CollaborativeOptions> {
-        let mut ranges = Vec::with_capacity(tensors.len());
-        let mut at = 0;
-        for tensor in tensors {
-            let len: usize = tensor.shape.iter().product();
-            ranges.push(at..at + len);
-            at += len;
-        }
-        let (kind, weight_decay) = match self.optimizer {
-            Rule::Sgd => (
-                OptimizerKind::Sgd {
-                    momentum: 0.9,
-                    dampening: 0.0,
-                    nesterov: false,
-                },
-                0.0,
-            ),
-            Rule::Adam => (OptimizerConfig::adam(self.lr, at).kind, 0.0),
-            Rule::Adamw => (OptimizerConfig::adamw(self.lr, 0.01, at).kind, 0.01),
-            Rule::Lamb => (OptimizerConfig::lamb(self.lr, 0.01, at).kind, 0.01),
-        };
-        let optimizer = OptimizerConfig::new(kind, vec![ParamGroup::new(ranges, self.lr, weight_decay)]);
-        let seconds = |s: f64, name: &str| {
-            anyhow::ensure!(
-                s.is_finite() && s > 0.0,
-                "--{name} must be a positive number of seconds"
-            );
-            Ok(Duration::from_secs_f64(s))
-        };
-        let mut options = CollaborativeOptions::new(self.target_batch_size, optimizer);
-        options.batch_size_per_step = Some(self.batch_size);
+        let config = self.config()?;
+        anyhow::ensure!(
+            config.node.auxiliary != Some(true),
+            "the example trainer trains: an auxiliary peer is `colony node --auxiliary`; remove [node] auxiliary"
+        );
+        let mut options = config.optimizer.options(tensors)?;
         if self.warmup_epochs > 0 {
+            anyhow::ensure!(
+                config.optimizer.scheduler.is_none(),
+                "--warmup-epochs and scheduler are two schedules: give one"
+            );
             let warmup = self.warmup_epochs;
             options.scheduler =
                 LrSchedule::Custom(Arc::new(move |epoch| ((epoch + 1) as f64 / warmup as f64).min(1.0)));
         }
-        options.matchmaking_time = seconds(self.matchmaking_time, "matchmaking-time")?;
-        options.averaging_timeout = seconds(self.averaging_timeout, "averaging-timeout")?;
-        options.allreduce_timeout = self
-            .allreduce_timeout
-            .map(|s| seconds(s, "allreduce-timeout"))
-            .transpose()?;
-        options.next_chunk_timeout = self
-            .next_chunk_timeout
-            .map(|s| seconds(s, "next-chunk-timeout"))
-            .transpose()?;
-        options.load_state_timeout = seconds(self.load_state_timeout, "load-state-timeout")?;
-        options.request_timeout = seconds(self.request_timeout, "request-timeout")?;
-        options.reuse_grad_buffers = self.reuse_grad_buffers;
-        options.offload_optimizer = self.offload_optimizer;
-        options.delay_optimizer_step = self.delay_optimizer_step;
-        options.delay_grad_averaging = self.delay_grad_averaging;
-        options.delay_state_averaging = self.delay_state_averaging;
-        options.average_state_every = self.average_state_every;
-        options.use_local_updates = self.use_local_updates;
-        options.client_mode = self.client_mode.then_some(true);
-        options.grad_compression = CodecPolicy::Fixed(self.grad_compression.codec());
-        options.state_averaging_compression = CodecPolicy::Fixed(self.state_averaging_compression.codec());
-        options.average_opt_statistics = self.average_opt_statistics.clone();
-        options.min_group_size = self.min_group_size;
-        options.target_group_size = self.target_group_size;
-        options.bandwidth = self.bandwidth;
-        options.validate().context("the optimizer flags")?;
+        options.validate().context("the optimizer options")?;
         Ok(options)
     }
 }
@@ -326,8 +208,14 @@ pub fn train(
     let started = Instant::now();
     let mut params = model.params();
     let mut grads = vec![0.0f32; params.len()];
-    let mut scratch = vec![0.0f32; if flags.reuse_grad_buffers { params.len() } else { 0 }];
-    let mut batches = Batches::new(train_set.len(), flags.batch_size as usize, seed);
+    let reuse_grad_buffers = peer.optimizer.options().reuse_grad_buffers;
+    let batch_size = peer
+        .optimizer
+        .options()
+        .batch_size_per_step
+        .context("the training loop needs batch_size_per_step")?;
+    let mut scratch = vec![0.0f32; if reuse_grad_buffers { params.len() } else { 0 }];
+    let mut batches = Batches::new(train_set.len(), batch_size as usize, seed);
     let (mut inputs, mut labels) = (Vec::new(), Vec::new());
     let eval_subset = subset(validation, flags.eval_samples);
     let mut summary = Summary::default();
@@ -336,7 +224,7 @@ pub fn train(
         let indices = batches.next().context("the data set is empty")?;
         train_set.batch_into(&indices, &mut inputs, &mut labels);
         let computing = Instant::now();
-        let loss = if flags.reuse_grad_buffers {
+        let loss = if reuse_grad_buffers {
             // The trainer's buffer is the accumulator: add this batch's gradient into it.
             let loss = model.loss_and_grads(&inputs, &labels, &mut scratch)?;
             grads.iter_mut().zip(&scratch).for_each(|(g, s)| *g += s);
@@ -345,12 +233,12 @@ pub fn train(
             model.loss_and_grads(&inputs, &labels, &mut grads)?
         };
         summary.compute_seconds += computing.elapsed().as_secs_f64();
-        summary.samples += u64::from(flags.batch_size);
+        summary.samples += u64::from(batch_size);
         let ema = loss_ema.map_or(loss, |ema| 0.9 * ema + 0.1 * loss);
         loss_ema = Some(ema);
         let outcome = peer
             .optimizer
-            .step_blocking(&mut params, &mut grads, Some(flags.batch_size))?;
+            .step_blocking(&mut params, &mut grads, Some(batch_size))?;
         if outcome.parameters_updated {
             model.set_params(&params)?;
         }

@@ -10,6 +10,7 @@
 
 pub mod actors;
 pub mod averager;
+pub mod config;
 pub mod membership;
 pub mod optimizer;
 pub mod peer;

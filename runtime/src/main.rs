@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
-use colony::membership::{Membership, MembershipConfig, MembershipEvent, Role};
-use colony_transports::{Address, Keypair};
+use clap::{Parser, Subcommand};
+use colony::config::{Config, NodeSettings};
+use colony::membership::{Membership, MembershipEvent};
+use colony_transports::Keypair;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,43 +45,14 @@ enum Command {
     Status(colony::status::StatusArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TransportKind {
-    /// TCP (LAN): Colony's signed handshake and stream multiplexer.
-    Tcp,
-    /// QUIC (WAN): TLS 1.3 over UDP.
-    Quic,
-}
-
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
-    /// Where to listen: `HOST:PORT` (port 0 picks a free one) or a full address such as `tcp://0.0.0.0:4000`.
-    #[arg(long)]
-    listen: String,
-    /// A peer to join through (its full address, as another node printed it); repeat for several.
-    #[arg(long = "initial-peer")]
-    initial_peers: Vec<Address>,
-    /// The identity file (created if missing, so that a restarted node keeps its peer id).
-    #[arg(long)]
-    identity: Option<PathBuf>,
-    /// The transport, when --listen gives no scheme.
-    #[arg(long, value_enum, default_value = "tcp")]
-    transport: TransportKind,
-    /// The run to join.
-    #[arg(long, default_value = "colony")]
-    run_id: String,
-    /// Join as an auxiliary peer (helps others average, trains nothing).
-    #[arg(long)]
-    auxiliary: bool,
-    /// How often each member probes another, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    probe_period_ms: u64,
-    /// How long a suspected member has to refute before it is dropped, in milliseconds.
-    #[arg(long, default_value_t = 3000)]
-    suspect_timeout_ms: u64,
-    /// How long to keep trying the initial peers, in seconds.
-    #[arg(long, default_value_t = 30)]
-    bootstrap_timeout_s: u64,
+    /// A configuration file (TOML, see docs/configuration.md): its `[node]` keys are these flags' names with
+    /// underscores; a flag given here overrides the file's key.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: NodeSettings,
 }
 
 fn main() -> ExitCode {
@@ -141,33 +112,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn listen_address(args: &NodeArgs) -> anyhow::Result<Address> {
-    if args.listen.contains("://") {
-        return args.listen.parse().map_err(|e| anyhow::anyhow!("--listen: {e}"));
-    }
-    let scheme = match args.transport {
-        TransportKind::Tcp => "tcp",
-        TransportKind::Quic => "quic",
-    };
-    format!("{scheme}://{}", args.listen)
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--listen: {e}"))
-}
-
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    let keypair = match &args.identity {
+    // Defaults < file < flags: a flag not given leaves the file's key alone.
+    let file = Config::load_optional(args.config.as_deref())?;
+    let settings = file.node.overlay(&args.settings);
+    let config = settings.membership()?;
+    let Some(listen) = config.listen.clone() else {
+        anyhow::bail!("colony node needs an address to listen on: pass --listen HOST:PORT or set [node] listen");
+    };
+    let keypair = match &settings.identity {
         Some(path) => Keypair::load_or_generate(path)?,
         None => Keypair::generate(),
     };
-    let listen = listen_address(&args)?;
     let transport = colony::peer::transport_for(listen.scheme(), &keypair).map_err(anyhow::Error::msg)?;
-    let mut config = MembershipConfig::new(args.run_id.clone(), Some(listen));
-    config.initial_peers = args.initial_peers.clone();
-    config.role = if args.auxiliary { Role::Auxiliary } else { Role::Trainer };
-    config.swim.probe_period = Duration::from_millis(args.probe_period_ms);
-    config.swim.probe_rtt = Duration::from_millis(args.probe_period_ms * 2 / 5);
-    config.swim.suspect_to_down_after = Duration::from_millis(args.suspect_timeout_ms);
-    config.bootstrap_timeout = Duration::from_secs(args.bootstrap_timeout_s);
+    if let Some(address) = settings.metrics_address {
+        let bound = colony::telemetry::serve_prometheus(address)?;
+        tracing::info!(%bound, "Prometheus metrics on http://{bound}/metrics");
+    }
     // The node relays the records of the trainers that join through it, so it validates their kinds.
     let schemas = colony::peer::training_schemas();
     let membership = Membership::start(config, Arc::new(keypair), transport, schemas).await?;

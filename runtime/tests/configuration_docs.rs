@@ -1,17 +1,29 @@
 //! `docs/configuration.md` and the code agree: its table of optimizer options names exactly the fields of
 //! `CollaborativeOptions` (read from the struct's `Debug` output, so a new field fails this test until it
 //! is documented), the defaults it states for the simple fields are the values `CollaborativeOptions::new`
-//! sets, and every flag it names is a field of the examples' `TrainFlags`.
+//! sets, every configuration key of `[optimizer]` and `[node]` (read from `colony::config`'s structs) is
+//! documented and every documented key exists, every flag it names is one the programs accept (Colony's
+//! own flags, read from clap, or the examples' `TrainFlags`) and sets the key of its row, and the file
+//! example is a valid configuration that shows every key.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Args as _;
+use colony::config::{Config, NodeSettings, OptimizerSettings};
+use colony::membership::MembershipConfig;
 use colony::optimizer::CollaborativeOptions;
 use colony_offload::OptimizerConfig;
 
 /// The heading of the options table in `docs/configuration.md`.
 const OPTIONS_HEADING: &str = "## Optimizer options (`CollaborativeOptions`)";
+/// The heading of the table of the optimizer rule's keys.
+const RULE_HEADING: &str = "### Keys of the optimizer rule";
+/// The heading of the `[node]` keys' table.
+const NODE_HEADING: &str = "## Node settings (`[node]`)";
+/// The heading of the section with the example file.
+const FILE_HEADING: &str = "## The configuration file";
 
 fn repository_file(relative: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(relative);
@@ -96,13 +108,18 @@ struct Row {
     flag: String,
 }
 
-/// The rows of the options table: the lines that start with "| `" between [`OPTIONS_HEADING`] and the next
-/// heading of the same or a higher level.
+/// The rows of the options table.
 fn documented_options(markdown: &str) -> Vec<Row> {
+    table_rows(markdown, OPTIONS_HEADING)
+}
+
+/// The rows of a four-column table (name, default, meaning, flag): the lines that start with "| `" between
+/// `heading` and the next heading.
+fn table_rows(markdown: &str, heading: &str) -> Vec<Row> {
     let start = markdown
         .lines()
-        .position(|line| line.trim() == OPTIONS_HEADING)
-        .unwrap_or_else(|| panic!("docs/configuration.md has no heading {OPTIONS_HEADING:?}"));
+        .position(|line| line.trim() == heading)
+        .unwrap_or_else(|| panic!("docs/configuration.md has no heading {heading:?}"));
     let mut rows = Vec::new();
     for line in markdown.lines().skip(start + 1) {
         let line = line.trim();
@@ -129,10 +146,7 @@ fn documented_options(markdown: &str) -> Vec<Row> {
             flag: cells[3].to_string(),
         });
     }
-    assert!(
-        !rows.is_empty(),
-        "the options table under {OPTIONS_HEADING:?} has no rows"
-    );
+    assert!(!rows.is_empty(), "the table under {heading:?} has no rows");
     rows
 }
 
@@ -253,32 +267,74 @@ fn documented_defaults_match_the_code() {
     assert_eq!(default_of(&rows, "delay_state_averaging"), Some("`true`"));
 }
 
-#[test]
-fn documented_flags_exist_in_the_examples() {
+/// The flags named in a flag cell: the words in backticks that start with `--`, up to `=` or a space.
+fn named_flags(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .filter(|part| part.starts_with("--"))
+        .map(|part| {
+            part.split(|c: char| c == '=' || c.is_whitespace())
+                .next()
+                .unwrap_or(part)
+                .to_string()
+        })
+        .collect()
+}
+
+/// Colony's flags of `settings`: each long name and alias with the id (the key) of its argument.
+fn clap_flags(command: clap::Command) -> Vec<(String, String)> {
+    let mut flags = Vec::new();
+    for argument in command.get_arguments() {
+        let id = argument.get_id().to_string();
+        for long in argument
+            .get_long()
+            .into_iter()
+            .chain(argument.get_all_aliases().unwrap_or_default())
+        {
+            flags.push((format!("--{long}"), id.clone()));
+        }
+    }
+    flags
+}
+
+fn optimizer_flags() -> Vec<(String, String)> {
+    clap_flags(OptimizerSettings::augment_args(clap::Command::new("optimizer")))
+}
+
+fn node_flags() -> Vec<(String, String)> {
+    clap_flags(NodeSettings::augment_args(clap::Command::new("node")))
+}
+
+/// The key a flag of `flags` sets.
+fn key_of<'a>(flags: &'a [(String, String)], flag: &str) -> Option<&'a str> {
+    flags.iter().find(|(long, _)| long == flag).map(|(_, id)| id.as_str())
+}
+
+/// The flags of the examples' own `TrainFlags` fields (read from the source: the examples crate is not a
+/// dependency of the runtime).
+fn train_flags() -> BTreeSet<String> {
     let swarm = repository_file("examples/src/swarm.rs");
     let start = swarm
         .find("pub struct TrainFlags {")
         .expect("examples/src/swarm.rs defines TrainFlags");
     let body = &swarm[start + "pub struct TrainFlags {".len()..];
     let body = &body[..body.find("\n}").expect("TrainFlags has a closing brace")];
-    let flags: BTreeSet<String> = body
-        .lines()
+    body.lines()
         .filter_map(|line| line.trim().strip_prefix("pub "))
         .filter_map(|rest| rest.split(':').next())
         .map(|field| format!("--{}", field.trim().replace('_', "-")))
-        .collect();
-    let rows = documented_options(&repository_file("docs/configuration.md"));
+        .collect()
+}
+
+#[test]
+fn documented_flags_exist() {
+    let markdown = repository_file("docs/configuration.md");
+    let (optimizer, node, examples) = (optimizer_flags(), node_flags(), train_flags());
     let mut unknown = Vec::new();
-    for row in &rows {
+    for row in documented_options(&markdown) {
         if row.flag == "—" {
             continue;
         }
-        let named: Vec<&str> = row
-            .flag
-            .split('`')
-            .filter(|part| part.starts_with("--"))
-            .map(|part| part.split_whitespace().next().unwrap_or(part))
-            .collect();
+        let named = named_flags(&row.flag);
         assert!(
             !named.is_empty(),
             "`{}`: the flag cell must name a flag in backticks or say —, not {:?}",
@@ -286,13 +342,157 @@ fn documented_flags_exist_in_the_examples() {
             row.flag
         );
         for flag in named {
-            if !flags.contains(flag) {
+            let known =
+                key_of(&optimizer, &flag).is_some() || key_of(&node, &flag).is_some() || examples.contains(&flag);
+            if !known {
                 unknown.push(format!("`{}`: {flag}", row.option));
+            }
+            // A flag of the option's own name sets the option's key.
+            if let Some(key) = key_of(&optimizer, &flag)
+                && flag == format!("--{}", row.option.replace('_', "-"))
+            {
+                assert_eq!(key, row.option, "{flag} sets `{key}`, not `{}`", row.option);
             }
         }
     }
     assert!(
         unknown.is_empty(),
-        "docs/configuration.md names flags that TrainFlags does not have: {unknown:?} (TrainFlags has {flags:?})"
+        "docs/configuration.md names flags that no program accepts: {unknown:?}"
     );
+}
+
+#[test]
+fn every_optimizer_key_is_documented_and_every_documented_key_exists() {
+    let markdown = repository_file("docs/configuration.md");
+    let flags = optimizer_flags();
+    let keys: BTreeSet<&str> = OptimizerSettings::keys().iter().copied().collect();
+    // The rule's keys have rows of their own; each row's flag sets that key.
+    let mut documented = BTreeSet::new();
+    for row in table_rows(&markdown, RULE_HEADING) {
+        assert!(
+            keys.contains(row.option.as_str()),
+            "`{}` is documented but is no [optimizer] key",
+            row.option
+        );
+        let named = named_flags(&row.flag);
+        assert!(!named.is_empty(), "`{}`: no flag named", row.option);
+        for flag in named {
+            assert_eq!(
+                key_of(&flags, &flag),
+                Some(row.option.as_str()),
+                "{flag} in the row of `{}`",
+                row.option
+            );
+        }
+        documented.insert(row.option.clone());
+    }
+    // The other keys are the options of the same name, whose rows name the key's flag.
+    for row in documented_options(&markdown) {
+        for flag in named_flags(&row.flag) {
+            if let Some(key) = key_of(&flags, &flag)
+                && key == row.option
+            {
+                documented.insert(key.to_string());
+            }
+        }
+    }
+    let undocumented: Vec<_> = keys.iter().filter(|k| !documented.contains(**k)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "[optimizer] keys that docs/configuration.md does not document (a row of their own name naming their \
+         flag, or a row in {RULE_HEADING:?}): {undocumented:?}"
+    );
+}
+
+#[test]
+fn every_node_key_is_documented_and_every_documented_key_exists() {
+    let markdown = repository_file("docs/configuration.md");
+    let rows = table_rows(&markdown, NODE_HEADING);
+    let flags = node_flags();
+    let documented: BTreeSet<&str> = rows.iter().map(|row| row.option.as_str()).collect();
+    let keys: BTreeSet<&str> = NodeSettings::keys().iter().copied().collect();
+    assert_eq!(documented, keys, "the [node] table and NodeSettings disagree");
+    for row in &rows {
+        let named = named_flags(&row.flag);
+        assert!(!named.is_empty(), "`{}`: no flag named", row.option);
+        for flag in named {
+            assert_eq!(
+                key_of(&flags, &flag),
+                Some(row.option.as_str()),
+                "{flag} in the row of `{}`",
+                row.option
+            );
+        }
+    }
+    // The defaults stated are MembershipConfig::new's and colony node's.
+    let membership = MembershipConfig::new("run", None);
+    let expected = [
+        ("probe_period_ms", membership.swim.probe_period.as_millis().to_string()),
+        (
+            "suspect_timeout_ms",
+            membership.swim.suspect_to_down_after.as_millis().to_string(),
+        ),
+        (
+            "bootstrap_timeout_s",
+            membership.bootstrap_timeout.as_secs().to_string(),
+        ),
+        ("bandwidth_mbps", membership.bandwidth_mbps.to_string()),
+        ("run_id", format!("`\"{}\"`", colony::config::DEFAULT_RUN_ID)),
+        ("transport", "`tcp`".to_string()),
+        ("auxiliary", "`false`".to_string()),
+    ];
+    for (key, value) in expected {
+        let documented = default_of(&rows, key).unwrap_or_default();
+        assert!(
+            documented == value || documented.starts_with(&format!("{value} ")),
+            "`{key}`: documented default {documented:?}, the code's is {value:?}"
+        );
+    }
+}
+
+#[test]
+fn the_example_file_is_valid_and_shows_every_key() {
+    let markdown = repository_file("docs/configuration.md");
+    let section = &markdown[markdown.find(FILE_HEADING).expect("the file section")..];
+    let start = section.find("```toml\n").expect("a TOML example") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").expect("the example ends")];
+    let config = Config::from_toml(example, "the example in docs/configuration.md").unwrap();
+    // Every key is set, or shown commented out (`# key = ...`).
+    for (section, keys) in colony::config::sections() {
+        let body = example
+            .split(&format!("[{section}]\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("the example has no [{section}]"));
+        let body = body.split("\n[").next().unwrap_or(body);
+        for key in keys {
+            let shown = body.lines().any(|line| {
+                let line = line.trim_start_matches('#').trim_start();
+                line.starts_with(&format!("{key} ="))
+            });
+            assert!(shown, "the example file does not show [{section}] {key}");
+        }
+    }
+    // Its optimizer values are the defaults where the code has them.
+    let tensors = [colony_averaging::tensor::TensorInfo::new("w", vec![10])];
+    let options = config.optimizer.options(&tensors).unwrap();
+    let defaults = CollaborativeOptions::new(options.target_batch_size, options.optimizer.clone());
+    assert_eq!(
+        format!("{options:?}"),
+        format!("{defaults:?}"),
+        "the example's values are the defaults"
+    );
+    let membership = NodeSettings {
+        listen: None,
+        initial_peers: None,
+        ..config.node
+    }
+    .membership()
+    .unwrap();
+    let default_membership = MembershipConfig::new(colony::config::DEFAULT_RUN_ID, None);
+    assert_eq!(membership.swim.probe_period, default_membership.swim.probe_period);
+    assert_eq!(
+        membership.swim.suspect_to_down_after,
+        default_membership.swim.suspect_to_down_after
+    );
+    assert_eq!(membership.bootstrap_timeout, default_membership.bootstrap_timeout);
 }

@@ -53,14 +53,15 @@ fn main() -> anyhow::Result<()> {
     let model = Mlp::new(&model_spec)?;
     let tensors = tensor_infos(&model);
     let options = args.flags.options(&tensors)?;
+    let target_batch_size = options.target_batch_size;
     println!(
         "Colony demo: {} peers over loopback {}, an MLP of {} parameters, target batch {} (batches of {}), until \
          {:.0} % validation accuracy or epoch {}",
         args.peers,
         args.transport,
         model.num_params(),
-        args.flags.target_batch_size,
-        args.flags.batch_size,
+        options.target_batch_size,
+        options.batch_size_per_step.unwrap_or_default(),
         args.flags.target_accuracy * 100.0,
         args.flags.max_epochs
     );
@@ -108,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let mut threads = Vec::new();
     let mut progress = Vec::new();
     for (index, mut peer) in peers.into_iter().enumerate() {
-        let bar = bars.add(ProgressBar::new(args.flags.target_batch_size));
+        let bar = bars.add(ProgressBar::new(options.target_batch_size));
         bar.set_style(style.clone());
         bar.set_prefix(format!("peer {}", index + 1));
         progress.push(bar);
@@ -146,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         let bar = &progress[index];
         match event {
             Event::Step { epoch, samples, loss } => {
-                bar.set_position(samples.min(args.flags.target_batch_size));
+                bar.set_position(samples.min(target_batch_size));
                 bar.set_message(format!("epoch {epoch:>3}  loss {loss:.3}"));
             }
             Event::Epoch {

@@ -5,11 +5,10 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use colony::membership::MembershipConfig;
+use colony::config::NodeSettings;
 use colony::peer::start_training_peer;
 use colony_examples::swarm::{Event, TrainFlags, tensor_infos, train};
 use colony_examples::{Mlp, generate};
@@ -24,18 +23,22 @@ struct Args {
     /// A peer of the run to join through (repeatable); none for the first peer.
     #[arg(long = "initial-peer")]
     initial_peers: Vec<Address>,
-    /// The run's name: peers of other runs are not admitted.
-    #[arg(long, default_value = "colony-example")]
-    run_id: String,
+    /// The run's name: peers of other runs are not admitted. Default `colony-example`.
+    #[arg(long)]
+    run_id: Option<String>,
     /// Identity file (created if missing), so a restarted peer keeps its id.
     #[arg(long)]
     identity: Option<PathBuf>,
     /// Seed of this peer's batch order (give each peer its own).
     #[arg(long, default_value_t = 0)]
     shuffle_seed: u64,
-    /// Seconds to keep trying the initial peers.
-    #[arg(long, default_value_t = 30)]
-    bootstrap_timeout: u64,
+    /// Seconds to keep trying the initial peers. Default 30.
+    #[arg(long, visible_alias = "bootstrap-timeout-s")]
+    bootstrap_timeout: Option<u64>,
+    /// Serve Prometheus metrics over HTTP on HOST:PORT (`/metrics`; port 0 picks one, printed at start).
+    /// Default off.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
     #[command(flatten)]
     flags: TrainFlags,
 }
@@ -49,8 +52,32 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // The peer's settings: the trainer's defaults < the [node] keys of --config < the flags given here.
+    let file = args.flags.config()?;
+    let defaults = NodeSettings {
+        run_id: Some("colony-example".into()),
+        ..NodeSettings::default()
+    };
+    let flags = NodeSettings {
+        listen: args.listen.as_ref().map(ToString::to_string),
+        initial_peers: (!args.initial_peers.is_empty())
+            .then(|| args.initial_peers.iter().map(ToString::to_string).collect()),
+        run_id: args.run_id.clone(),
+        identity: args.identity.clone(),
+        bootstrap_timeout_s: args.bootstrap_timeout,
+        metrics_address: args.metrics_address,
+        ..NodeSettings::default()
+    };
+    let node = defaults.overlay(&file.node).overlay(&flags);
+    // Prometheus metrics when `--metrics-address` or `[node] metrics_address` is set (the flag overrides the
+    // file's key); the exporter is started here, once.
+    if let Some(address) = node.metrics_address {
+        let bound = colony::telemetry::serve_prometheus(address)?;
+        eprintln!("Prometheus metrics on http://{bound}/metrics");
+    }
+    let config = node.membership()?;
     anyhow::ensure!(
-        args.listen.is_some() || !args.initial_peers.is_empty(),
+        config.listen.is_some() || !config.initial_peers.is_empty(),
         "a peer that does not listen (client mode) needs --initial-peer"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -63,20 +90,18 @@ fn main() -> anyhow::Result<()> {
     let mut model = Mlp::new(&args.flags.model_spec(&data_spec))?;
     let tensors = tensor_infos(&model);
     let options = args.flags.options(&tensors)?;
-    let keypair = match &args.identity {
+    let keypair = match &node.identity {
         Some(path) => Keypair::load_or_generate(path)?,
         None => Keypair::generate(),
     };
-    let mut config = MembershipConfig::new(args.run_id.clone(), args.listen.clone());
-    config.initial_peers = args.initial_peers.clone();
-    config.bootstrap_timeout = Duration::from_secs(args.bootstrap_timeout);
+    let initial_peers = config.initial_peers.clone();
     let initial = model.params();
     let mut peer = runtime
         .block_on(start_training_peer(config, keypair, None, tensors, &initial, options))
         .map_err(anyhow::Error::msg)?;
     match peer.membership.address() {
         Some(address) => println!("listening on {address}"),
-        None => println!("client mode: joined through {:?}", args.initial_peers),
+        None => println!("client mode: joined through {initial_peers:?}"),
     }
     let stop = AtomicBool::new(false);
     let summary = train(

@@ -171,7 +171,8 @@ pub fn peer_process(index: usize, solo_steps: usize, address: &str) -> anyhow::R
     let mut model = Mlp::new(&model_spec)?;
     let mut params = model.params();
     let mut grads = vec![0.0f32; params.len()];
-    let mut optimizer = CpuOptimizer::new(OptimizerConfig::adam(flags.lr, params.len()), params.len())?;
+    let lr = flags.settings()?.lr.context("the trainer's defaults set lr")?;
+    let mut optimizer = CpuOptimizer::new(OptimizerConfig::adam(lr, params.len()), params.len())?;
     let mut batches = Batches::new(train_set.len(), BATCH as usize, seed);
     let (mut inputs, mut labels) = (Vec::new(), Vec::new());
     println!("READY");
