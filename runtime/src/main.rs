@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -129,6 +130,9 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         let bound = colony::telemetry::serve_prometheus(address)?;
         tracing::info!(%bound, "Prometheus metrics on http://{bound}/metrics");
     }
+    if settings.auxiliary == Some(true) {
+        return auxiliary_node(config, keypair, transport, &file, settings.bootstrap_timeout_s).await;
+    }
     // The node relays the records of the trainers that join through it, so it validates their kinds.
     let schemas = colony::peer::training_schemas();
     let membership = Membership::start(config, Arc::new(keypair), transport, schemas).await?;
@@ -166,5 +170,72 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("leaving the swarm");
     membership.leave().await;
+    Ok(())
+}
+
+/// Resolves at SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!("cannot handle SIGTERM ({error}); Ctrl-C still stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `colony node --auxiliary`: joins, learns the run's gradient schema from a trainer, and reduces parts of
+/// every gradient round for the trainers until SIGINT or SIGTERM. The file's `[optimizer]` keys give the
+/// round timings; the model, its codecs and the target batch size come from the trainers. Prints its
+/// address, then `auxiliary for N tensors (V values), target B` and `epoch E: reduced with P peers` /
+/// `epoch E: round failed: REASON` lines.
+async fn auxiliary_node(
+    config: colony::membership::MembershipConfig,
+    keypair: Keypair,
+    transport: Arc<dyn colony_transports::Transport>,
+    file: &Config,
+    bootstrap_timeout_s: Option<u64>,
+) -> anyhow::Result<()> {
+    // The trainers' schema replaces the model-dependent keys, so they need not be in the file.
+    let mut settings = file.optimizer.clone();
+    settings.target_batch_size.get_or_insert(1);
+    settings.optimizer.get_or_insert(colony::config::OptimizerRule::Sgd);
+    settings.lr.get_or_insert(1e-3);
+    let options = settings.options(&[])?;
+    let wait = Duration::from_secs(bootstrap_timeout_s.unwrap_or(30).max(1));
+    let (mut peer, schema) = colony::peer::start_auxiliary_peer(config, keypair, Some(transport), options, wait)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let address = peer.membership.address().context("an auxiliary node listens")?;
+    println!("{address}");
+    let values: usize = schema.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    println!(
+        "auxiliary for {} tensors ({values} values), target {}",
+        schema.tensors.len(),
+        schema.target_batch_size
+    );
+    tracing::info!(%address, "auxiliary node running; Ctrl-C leaves the swarm");
+    let (reduced, failed) = colony::peer::run_auxiliary(
+        &mut peer.optimizer,
+        Duration::from_millis(10),
+        shutdown_signal(),
+        |round| match &round.result {
+            colony::optimizer::RoundResult::Averaged { peers } => {
+                println!("epoch {}: reduced with {peers} peers", round.epoch)
+            }
+            colony::optimizer::RoundResult::Failed { reason } => {
+                println!("epoch {}: round failed: {reason}", round.epoch)
+            }
+        },
+    )
+    .await;
+    tracing::info!(reduced, failed, "leaving the swarm");
+    peer.optimizer.shutdown().await;
+    peer.membership.leave().await;
     Ok(())
 }

@@ -11,7 +11,7 @@ use colony_transports::{Address, Keypair, Scheme, Transport};
 
 use crate::membership::{Membership, MembershipConfig, Role};
 use crate::optimizer::run_schema::{self, RunSchema};
-use crate::optimizer::{CollaborativeOptimizer, CollaborativeOptions, OptimizerServices};
+use crate::optimizer::{CollaborativeOptimizer, CollaborativeOptions, OptimizerServices, RoundReport, RoundResult};
 use crate::records::Schemas;
 
 /// The transport that serves addresses of `scheme` (tcp or quic), authenticated as `keypair`.
@@ -84,7 +84,8 @@ pub async fn start_training_peer(
 /// trainers (Hivemind's CPU-only helpers). It joins per `config` (its role becomes auxiliary; it must
 /// listen), waits up to `schema_timeout` for a trainer and asks it for the run's gradient schema (tensors,
 /// codecs, part size, target batch size), then starts an optimizer with `options` made auxiliary and
-/// fitted to that schema. Drive it with [`CollaborativeOptimizer::step_auxiliary`] in a loop.
+/// fitted to that schema (`options` gives the timings; its optimizer rule, target, compression, statistics
+/// and extra tensors are replaced). Drive it with [`CollaborativeOptimizer::step_auxiliary`] in a loop.
 pub async fn start_auxiliary_peer(
     mut config: MembershipConfig,
     keypair: Keypair,
@@ -122,6 +123,10 @@ pub async fn start_auxiliary_peer(
     options.part_size_bytes = schema.part_size_bytes;
     options.grad_compression = schema.codec_policy();
     let values: usize = schema.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    // It never steps and joins no state round: an optimizer of the model's size without statistics.
+    options.optimizer = colony_offload::OptimizerConfig::sgd(0.0, 0.0, values);
+    options.average_opt_statistics.clear();
+    options.extra_tensors.clear();
     let optimizer = CollaborativeOptimizer::start(
         &membership,
         &services,
@@ -166,11 +171,13 @@ async fn fetch_schema(membership: &Membership, timeout: Duration) -> Result<RunS
 }
 
 /// Drives an auxiliary peer until `stop` resolves: [`CollaborativeOptimizer::step_auxiliary`] every `poll`
-/// (it returns at once when no round is due), logging each round. Returns the rounds reduced and failed.
+/// (it returns at once when no round is due), handing each finished round to `on_round`. Returns the rounds
+/// reduced and failed.
 pub async fn run_auxiliary(
     optimizer: &mut CollaborativeOptimizer,
     poll: Duration,
     stop: impl std::future::Future<Output = ()>,
+    mut on_round: impl FnMut(&RoundReport),
 ) -> (u64, u64) {
     let (mut reduced, mut failed) = (0u64, 0u64);
     tokio::pin!(stop);
@@ -181,15 +188,10 @@ pub async fn run_auxiliary(
                 Ok(outcome) => {
                     for round in &outcome.rounds {
                         match &round.result {
-                            crate::optimizer::RoundResult::Averaged { peers } => {
-                                reduced += 1;
-                                tracing::info!(epoch = round.epoch, peers, "reduced a gradient round");
-                            }
-                            crate::optimizer::RoundResult::Failed { reason } => {
-                                failed += 1;
-                                tracing::info!(epoch = round.epoch, "gradient round failed: {reason}");
-                            }
+                            RoundResult::Averaged { .. } => reduced += 1,
+                            RoundResult::Failed { .. } => failed += 1,
                         }
+                        on_round(round);
                     }
                 }
                 Err(error) => {
