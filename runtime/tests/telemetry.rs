@@ -118,7 +118,9 @@ fn exporter_serves_histograms_with_buckets_and_refuses_misuse() {
 fn metrics_docs() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
     let text = std::fs::read_to_string(path).unwrap_or_else(|error| panic!("reading {path}: {error}"));
-    let start = text.find("\n## Metrics\n").expect("docs/operations.md has a ## Metrics section");
+    let start = text
+        .find("\n## Metrics\n")
+        .expect("docs/operations.md has a ## Metrics section");
     let section = &text[start + 1..];
     let end = section[3..].find("\n## ").map_or(section.len(), |end| end + 3);
     section[..end].to_owned()
@@ -128,10 +130,18 @@ fn metrics_docs() -> String {
 fn the_metrics_docs_name_every_histogram_bucket_and_refusal_reason() {
     let docs = metrics_docs();
     for (name, buckets) in colony::telemetry::HISTOGRAMS {
-        assert!(docs.contains(&format!("`{name}`")), "docs/operations.md does not document {name}");
-        let set = if *buckets == colony::telemetry::SHORT_SECONDS_BUCKETS { "short" } else { "long" };
         assert!(
-            docs.lines().any(|line| line.starts_with(&format!("| `{name}` | histogram ({set})"))),
+            docs.contains(&format!("`{name}`")),
+            "docs/operations.md does not document {name}"
+        );
+        let set = if *buckets == colony::telemetry::SHORT_SECONDS_BUCKETS {
+            "short"
+        } else {
+            "long"
+        };
+        assert!(
+            docs.lines()
+                .any(|line| line.starts_with(&format!("| `{name}` | histogram ({set})"))),
             "docs/operations.md does not give {name} the {set} buckets"
         );
     }
@@ -141,7 +151,10 @@ fn the_metrics_docs_name_every_histogram_bucket_and_refusal_reason() {
     ] {
         let listed: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
         let line = format!("- **{set}**: {}", listed.join(", "));
-        assert!(docs.contains(&line), "docs/operations.md does not list the {set} buckets as: {line}");
+        assert!(
+            docs.contains(&line),
+            "docs/operations.md does not list the {set} buckets as: {line}"
+        );
     }
     for reason in colony::records::replica::REFUSAL_REASONS {
         assert!(

@@ -13,7 +13,9 @@ use support::{Setup, bounded, echo_protocol, link, test_router, wait_until};
 
 /// The value of the sample line `name{labels}` in a Prometheus text rendering.
 fn sample(rendered: &str, series: &str) -> Option<u64> {
-    rendered.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    rendered
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 #[test]
@@ -21,7 +23,10 @@ fn rpc_streams_count_their_bytes_by_transport_and_protocol() {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     // The recorder is local to this thread; a current-thread runtime keeps every task on it.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let hub = MemHub::new();
