@@ -169,8 +169,12 @@ fn wait_for_line(
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) => seen.push(line),
-            Err(_) => panic!(
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
                 "{name} printed no '{prefix}' line within {STARTUP:?}; its output:\n{}",
+                output.tail()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "{name} closed its output (exited?) without printing a '{prefix}' line; its output:\n{}",
                 output.tail()
             ),
         }
