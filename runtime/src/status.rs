@@ -117,6 +117,9 @@ pub enum StatusError {
         #[source]
         source: MembershipError,
     },
+    /// The signal handlers could not be installed.
+    #[error("cannot handle Ctrl-C and SIGTERM: {0}")]
+    Signals(#[source] std::io::Error),
     /// Writing the output failed (a closed pipe).
     #[error("writing the status: {0}")]
     Output(#[from] std::io::Error),
@@ -352,14 +355,14 @@ pub fn render_table(snapshot: &SwarmSnapshot) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8}  {:<9}  {:>8}  {:>10}  {:>10}  {:>9}  {:<6}",
-        "PEER", "ROLE", "EPOCH", "SAMPLES", "SAMPLES/S", "LAST SEEN", "CLIENT"
+        "{:<8}  {:<9}  {:>8}  {:>10}  {:>10}  {:>9}  CLIENT",
+        "PEER", "ROLE", "EPOCH", "SAMPLES", "SAMPLES/S", "LAST SEEN"
     );
     let dash = || "-".to_owned();
     for peer in &snapshot.peers {
         let _ = writeln!(
             out,
-            "{:<8}  {:<9}  {:>8}  {:>10}  {:>10}  {:>9}  {:<6}",
+            "{:<8}  {:<9}  {:>8}  {:>10}  {:>10}  {:>9}  {}",
             short(&peer.peer),
             peer.role.clone().unwrap_or_else(dash),
             peer.epoch.map_or_else(dash, |e| e.to_string()),
@@ -455,11 +458,16 @@ async fn observe(
     observer: PeerId,
     started: Instant,
 ) -> Result<(), StatusError> {
+    // From here on Ctrl-C and SIGTERM end the observation, so that the observer still leaves gracefully.
+    let mut interrupts = Interrupts::install().map_err(StatusError::Signals)?;
     // Joining copied the records of the peer that admitted the observer (every member holds all of them);
     // if that exchange failed, the periodic exchanges bring them within a sync interval.
     let deadline = started + args.timeout;
     while parse_records(membership.get(PROGRESS_KEY).as_ref()).is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(RECORDS_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::select! {
+            () = tokio::time::sleep(RECORDS_POLL.min(deadline.saturating_duration_since(Instant::now()))) => {}
+            () = interrupts.recv() => return Ok(()),
+        }
     }
     // The member list arrives partly with the join and partly by gossip: give the members whose records are
     // here a moment to be known too, so that their roles show. A peer that crashed keeps its record until it
@@ -471,7 +479,10 @@ async fn observe(
         if records.iter().all(|r| members.contains(&r.peer)) || Instant::now() >= settle {
             break;
         }
-        tokio::time::sleep(RECORDS_POLL.min(settle.saturating_duration_since(Instant::now()))).await;
+        tokio::select! {
+            () = tokio::time::sleep(RECORDS_POLL.min(settle.saturating_duration_since(Instant::now()))) => {}
+            () = interrupts.recv() => return Ok(()),
+        }
     }
     let take = || {
         let records = parse_records(membership.get(PROGRESS_KEY).as_ref());
@@ -508,17 +519,38 @@ async fn observe(
     if !args.watch {
         return Ok(());
     }
-    #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        #[cfg(unix)]
-        let terminated = terminate.recv();
-        #[cfg(not(unix))]
-        let terminated = std::future::pending::<Option<()>>();
         tokio::select! {
-            _ = tokio::time::sleep(args.interval) => print(&take())?,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminated => return Ok(()),
+            () = tokio::time::sleep(args.interval) => print(&take())?,
+            () = interrupts.recv() => return Ok(()),
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, caught from installation on (a signal that arrives between two waits is
+/// kept for the next).
+struct Interrupts {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves at the next signal (never, once the signal streams are closed).
+    async fn recv(&mut self) {
+        let received = tokio::select! {
+            received = self.interrupt.recv() => received,
+            received = self.terminate.recv() => received,
+        };
+        if received.is_none() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -664,6 +696,7 @@ mod tests {
         assert_eq!(lines[5], "members    2 trainer, 1 client, 0 auxiliary; 2 with progress");
         assert_eq!(lines[6], "");
         assert!(lines[7].starts_with("PEER      ROLE"), "{}", lines[7]);
+        assert!(lines.iter().all(|l| *l == l.trim_end()), "no trailing blanks:\n{table}");
         let row = |seed: u8| {
             let id = peer(seed).short();
             *lines.iter().find(|l| l.starts_with(&id)).unwrap()
