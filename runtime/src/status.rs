@@ -436,6 +436,7 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
             address: initial_peers[0].to_string(),
             reason,
         })?;
+    let bootstrap_ids: Vec<PeerId> = initial_peers.iter().filter_map(Address::peer).collect();
     let mut config = MembershipConfig::new(args.run_id.clone(), None);
     config.initial_peers = initial_peers;
     config.bootstrap_timeout = args.timeout;
@@ -447,7 +448,7 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
             run_id: args.run_id.clone(),
             source,
         })?;
-    let result = observe(&args, &membership, observer, started).await;
+    let result = observe(&args, &membership, observer, &bootstrap_ids, started).await;
     membership.leave().await;
     result
 }
@@ -456,6 +457,7 @@ async fn observe(
     args: &StatusArgs,
     membership: &Membership,
     observer: PeerId,
+    bootstrap_ids: &[PeerId],
     started: Instant,
 ) -> Result<(), StatusError> {
     // From here on Ctrl-C and SIGTERM end the observation, so that the observer still leaves gracefully.
@@ -469,14 +471,20 @@ async fn observe(
             () = interrupts.recv() => return Ok(()),
         }
     }
-    // The member list arrives partly with the join and partly by gossip: give the members whose records are
-    // here a moment to be known too, so that their roles show. A peer that crashed keeps its record until it
-    // expires and never becomes a member again, hence the bound.
+    // The member list arrives partly with the join (the members the admitting peer knows, not that peer
+    // itself) and partly by gossip: give the peer the observer joined through, and the members whose records
+    // are here, a moment to be known too, so that they are listed with their roles. A peer that crashed keeps
+    // its record until it expires and never becomes a member again, hence the bound.
     let settle = deadline.min(Instant::now() + MEMBERS_SETTLE);
     loop {
         let members: HashSet<PeerId> = membership.members().into_iter().map(|m| m.peer).collect();
         let records = parse_records(membership.get(PROGRESS_KEY).as_ref());
-        if records.iter().all(|r| members.contains(&r.peer)) || Instant::now() >= settle {
+        let admitter_known = if bootstrap_ids.is_empty() {
+            !members.is_empty()
+        } else {
+            bootstrap_ids.iter().any(|peer| members.contains(peer))
+        };
+        if (admitter_known && records.iter().all(|r| members.contains(&r.peer))) || Instant::now() >= settle {
             break;
         }
         tokio::select! {

@@ -1,21 +1,23 @@
-//! `colony status` against a running swarm: three training peers in this process over TCP on loopback (two
-//! listening trainers and one client-mode trainer), observed by the real `colony` binary. The printed epoch,
+//! `colony status` against a running swarm: a bare member as the bootstrap peer (what `colony node` runs)
+//! and three training peers joined through it, in this process over TCP on loopback (two listening trainers
+//! and one client-mode trainer), observed by the real `colony` binary. The printed epoch,
 //! members by role and peers must be the swarm's, in the table and in JSON; `--watch --json` follows the
 //! swarm while it trains on and leaves gracefully on Ctrl-C; the observer never publishes progress; a wrong
 //! run id and an unreachable peer are clear errors with a non-zero exit.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use colony::membership::{MembershipConfig, Role};
+use colony::membership::{Membership, MembershipConfig, Role};
 use colony::optimizer::CollaborativeOptions;
 use colony::peer::{TrainingPeer, start_training_peer};
 use colony::progress::{LocalProgress, PROGRESS_KEY, parse_records};
 use colony_averaging::tensor::TensorInfo;
 use colony_offload::OptimizerConfig;
-use colony_transports::{Address, Keypair, PeerId};
+use colony_transports::{Address, Keypair, PeerId, Scheme};
 
 const RUN: &str = "status-test";
 const TARGET: u64 = 48;
@@ -112,7 +114,21 @@ async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -
 }
 
 fn records(peer: &Peer) -> Vec<LocalProgress> {
-    parse_records(peer.inner.membership.get(PROGRESS_KEY).as_ref())
+    replica_records(&peer.inner.membership)
+}
+
+fn replica_records(membership: &Membership) -> Vec<LocalProgress> {
+    parse_records(membership.get(PROGRESS_KEY).as_ref())
+}
+
+/// A member that trains nothing, as `colony node` runs it: the run's bootstrap peer.
+async fn bare_member() -> Membership {
+    let keypair = Keypair::generate();
+    let transport = colony::peer::transport_for(Scheme::Tcp, &keypair).unwrap();
+    let config = MembershipConfig::new(RUN, Some("tcp://127.0.0.1:0".parse().unwrap()));
+    Membership::start(config, Arc::new(keypair), transport, colony::peer::training_schemas())
+        .await
+        .expect("the bootstrap member starts")
 }
 
 fn colony() -> Command {
@@ -186,17 +202,27 @@ fn summary<'a>(table: &'a str, label: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no '{label}' line in:\n{table}"))
 }
 
-fn check_json(json: &serde_json::Value, epoch: u64, ids: &[(PeerId, &str, bool)]) {
+fn check_json(json: &serde_json::Value, epoch: u64, bootstrap: PeerId, ids: &[(PeerId, &str, bool)]) {
     assert_eq!(json["run_id"], RUN, "{json}");
     assert_eq!(json["epoch"], epoch, "{json}");
     assert_eq!(json["target_batch_size"], TARGET, "{json}");
     assert!(json["samples_accumulated"].as_u64().unwrap() <= TARGET, "{json}");
-    assert_eq!(json["members"]["trainer"], 2, "{json}");
+    assert_eq!(json["members"]["trainer"], 3, "{json}");
     assert_eq!(json["members"]["client"], 1, "{json}");
     assert_eq!(json["members"]["auxiliary"], 0, "{json}");
     assert_eq!(json["peers_with_progress"], 3, "{json}");
     let peers = json["peers"].as_array().unwrap();
-    assert_eq!(peers.len(), 3, "{json}");
+    assert_eq!(peers.len(), 4, "{json}");
+    let bare = peers
+        .iter()
+        .find(|p| p["peer"] == bootstrap.to_string())
+        .unwrap_or_else(|| panic!("no row for the bootstrap peer: {json}"));
+    assert_eq!(bare["role"], "trainer", "{json}");
+    assert!(
+        bare["address"].as_str().unwrap().starts_with("tcp://127.0.0.1:"),
+        "{json}"
+    );
+    assert!(bare["epoch"].is_null() && bare["client_mode"].is_null(), "{json}");
     for (id, role, client_mode) in ids {
         let row = peers
             .iter()
@@ -210,8 +236,10 @@ fn check_json(json: &serde_json::Value, epoch: u64, ids: &[(PeerId, &str, bool)]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch() {
-    let first = peer(true, None).await;
-    let address = first.inner.membership.address().unwrap();
+    let bootstrap = bare_member().await;
+    let bootstrap_id = bootstrap.local_peer();
+    let address = bootstrap.address().unwrap();
+    let first = peer(true, Some(&address)).await;
     let second = peer(true, Some(&address)).await;
     let client = peer(false, Some(&address)).await;
     let ids = [
@@ -221,15 +249,16 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
     ];
     let mut peers = vec![first, second, client];
     wait_until("the swarm formed", Duration::from_secs(20), || {
-        peers.iter().all(|p| p.inner.membership.members().len() == 2)
+        bootstrap.members().len() == 3 && peers.iter().all(|p| p.inner.membership.members().len() == 3)
     })
     .await;
 
     // Train to epoch 3, then stop: nobody steps, so the swarm's epoch stays where it is.
     peers = train_all(peers, 3).await;
     let known: Vec<PeerId> = ids.iter().map(|(id, ..)| *id).collect();
+    // The observer copies the records of the peer it joins through.
     let settled = |peers: &[Peer]| {
-        let records = records(&peers[0]);
+        let records = replica_records(&bootstrap);
         records.len() == 3
             && peers.iter().all(|p| {
                 records
@@ -243,7 +272,7 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
             .iter()
             .map(|p| (p.inner.membership.local_peer(), p.inner.optimizer.local_epoch()))
             .collect();
-        let seen: Vec<(PeerId, u64)> = records(&peers[0]).iter().map(|r| (r.peer, r.epoch)).collect();
+        let seen: Vec<(PeerId, u64)> = replica_records(&bootstrap).iter().map(|r| (r.peer, r.epoch)).collect();
         let own: Vec<String> = peers
             .iter()
             .map(|p| {
@@ -259,11 +288,11 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
             .collect();
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "the first peer does not hold every peer's record at its epoch: local epochs {locals:?}, records {seen:?}; {own:#?}"
+            "the bootstrap peer does not hold every peer's record at its epoch: local epochs {locals:?}, records {seen:?}; {own:#?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let epoch = expected_epoch(&records(&peers[0]));
+    let epoch = expected_epoch(&replica_records(&bootstrap));
     assert!(epoch >= 3, "epoch {epoch}");
     let address = address.to_string();
 
@@ -282,7 +311,14 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
     );
     assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the output is JSON");
-    check_json(&json, epoch, &ids);
+    check_json(&json, epoch, bootstrap_id, &ids);
+
+    // The observer left (every member dropped it), and published nothing.
+    let only_the_swarm = |peers: &[Peer]| {
+        bootstrap.members().len() == 3 && peers.iter().all(|p| p.inner.membership.members().len() == 3)
+    };
+    wait_until("the observer left", Duration::from_secs(5), || only_the_swarm(&peers)).await;
+    assert!(replica_records(&bootstrap).iter().all(|r| known.contains(&r.peer)));
 
     // The table.
     let output = status(&["--initial-peer", &address, "--run-id", RUN], Duration::from_secs(30)).await;
@@ -299,7 +335,7 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
     );
     assert_eq!(
         summary(&table, "members"),
-        "2 trainer, 1 client, 0 auxiliary; 3 with progress",
+        "3 trainer, 1 client, 0 auxiliary; 3 with progress",
         "{table}"
     );
     for ((id, role, client_mode), peer) in ids.iter().zip(&peers) {
@@ -314,14 +350,17 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
         assert_eq!(*row.last().unwrap(), if *client_mode { "yes" } else { "no" }, "{table}");
     }
     let rows = table.lines().skip_while(|l| !l.starts_with("PEER")).skip(1).count();
-    assert_eq!(rows, 3, "{table}");
+    assert_eq!(rows, 4, "{table}");
+    let bare: Vec<&str> = table
+        .lines()
+        .find(|line| line.starts_with(&bootstrap_id.short()))
+        .unwrap_or_else(|| panic!("no row for the bootstrap peer:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(bare[1..], ["trainer", "-", "-", "-", "-", "-"], "{table}");
 
-    // The observers left, and published nothing.
-    wait_until("the observers left", Duration::from_secs(5), || {
-        peers[0].inner.membership.members().len() == 2
-    })
-    .await;
-    assert!(records(&peers[0]).iter().all(|r| known.contains(&r.peer)));
+    wait_until("the observer left", Duration::from_secs(5), || only_the_swarm(&peers)).await;
+    assert!(replica_records(&bootstrap).iter().all(|r| known.contains(&r.peer)));
 
     // --watch --json while the swarm trains on to epoch + 2.
     let mut watch = Guard(
@@ -342,13 +381,11 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
     let lines = lines_of(watch.0.stdout.take().unwrap());
     let first_line = next_line(&lines, Duration::from_secs(30)).await;
     let json: serde_json::Value = serde_json::from_str(&first_line).expect("JSON per line");
-    check_json(&json, epoch, &ids);
+    check_json(&json, epoch, bootstrap_id, &ids);
     // The observer is a client-mode member that publishes no progress: the trainers, which count the peers
     // of a round from the progress records of live members, do not count it.
     wait_until("the observer is a member", Duration::from_secs(10), || {
-        peers[0]
-            .inner
-            .membership
+        bootstrap
             .members()
             .iter()
             .any(|m| m.role == Role::Client && !known.contains(&m.peer))
@@ -391,7 +428,7 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
     };
     assert!(exit.success(), "{exit:?}");
     wait_until("the observer left at once", Duration::from_secs(4), || {
-        peers[0].inner.membership.members().len() == 2
+        only_the_swarm(&peers)
     })
     .await;
 
@@ -414,6 +451,7 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
         p.inner.optimizer.shutdown().await;
         p.inner.membership.leave().await;
     }
+    bootstrap.leave().await;
 }
 
 /// No peer at the address: a clear error within --timeout and a non-zero exit.
