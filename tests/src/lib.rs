@@ -2,3 +2,4 @@
 //! (`cargo run --release -p colony-tests --bin bench -- <suite> [--json]`); [`bench`] holds the suites.
 
 pub mod bench;
+pub mod processes;
