@@ -86,7 +86,9 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// Why `colony status` could not show the swarm.
+/// Why `colony status` could not show the swarm. The cause, where there is one, is the error's
+/// [`source`](std::error::Error::source) (`colony` prints the chain: `cannot observe run 'a': could not join
+/// the swarm within 10s; tried ...`).
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// No initial peer was given.
@@ -109,7 +111,7 @@ pub enum StatusError {
         second: Scheme,
     },
     /// Joining the run failed: no initial peer answered, one refused (another run, a clock too far off).
-    #[error("cannot observe run '{run_id}': {source}")]
+    #[error("cannot observe run '{run_id}'")]
     Join {
         /// The run.
         run_id: String,
@@ -118,10 +120,10 @@ pub enum StatusError {
         source: MembershipError,
     },
     /// The signal handlers could not be installed.
-    #[error("cannot handle Ctrl-C and SIGTERM: {0}")]
+    #[error("cannot handle Ctrl-C and SIGTERM")]
     Signals(#[source] std::io::Error),
     /// Writing the output failed (a closed pipe).
-    #[error("writing the status: {0}")]
+    #[error("writing the status")]
     Output(#[from] std::io::Error),
 }
 
@@ -523,13 +525,20 @@ async fn observe(
             "no progress record arrived: no peer of this run trains yet"
         );
     }
-    print(&first)?;
+    match print(&first) {
+        // The reader went away (`colony status | head`): nothing more to show.
+        Err(StatusError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        result => result?,
+    }
     if !args.watch {
         return Ok(());
     }
     loop {
         tokio::select! {
-            () = tokio::time::sleep(args.interval) => print(&take())?,
+            () = tokio::time::sleep(args.interval) => match print(&take()) {
+                Err(StatusError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                result => result?,
+            },
             () = interrupts.recv() => return Ok(()),
         }
     }

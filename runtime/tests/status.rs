@@ -446,6 +446,7 @@ async fn status_shows_the_swarm_in_a_table_and_in_json_and_follows_it_with_watch
         "{stderr}"
     );
     assert!(output.stdout.is_empty());
+    assert_eq!(stderr.matches("this peer serves run").count(), 1, "said once: {stderr}");
 
     for mut p in peers {
         p.inner.optimizer.shutdown().await;
