@@ -201,6 +201,14 @@ impl Processes {
         self.children.retain(|(n, _)| n != name);
     }
 
+    /// A child that exited on its own, if any: its name and status.
+    pub fn exited(&mut self) -> Option<(String, ExitStatus)> {
+        self.children.iter_mut().find_map(|(name, child)| {
+            let status = child.try_wait().expect("polling a child")?;
+            Some((name.clone(), status))
+        })
+    }
+
     /// SIGKILL: the process dies at once, leaving nothing (no goodbye to the swarm).
     pub fn kill(&mut self, name: &str) {
         let child = self.child(name);

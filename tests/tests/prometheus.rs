@@ -9,17 +9,16 @@
 //! that `cargo test --workspace` works on a fresh laptop, unless `COLONY_REQUIRE_PROMETHEUS` is set.
 //!
 //! The trainer binary is the one `cargo test --workspace` builds beside this test's binary
-//! (`target/<profile>/trainer`; the examples crate has integration tests, so cargo builds its binaries);
-//! `COLONY_TRAINER_BIN` names another. When it is missing, the test builds it with cargo first.
+//! ([`colony_tests::processes::workspace_binary`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use colony_tests::processes::{Processes, SMALL_TASK, free_port, workspace_binary};
 
 /// The epoch gauge every peer exports.
 const EPOCH_METRIC: &str = "colony_epoch";
@@ -32,77 +31,6 @@ const DEADLINE: Duration = Duration::from_secs(180);
 /// How long a peer gets to print its addresses.
 const STARTUP: Duration = Duration::from_secs(60);
 
-/// The example trainer's flags for a small, fast task: a small MLP, small batches, a swarm epoch of a
-/// few hundred milliseconds, short matchmaking and timeouts (those of the runtime's optimizer tests), no
-/// evaluation, and more epochs than the test waits for.
-const TASK_FLAGS: &[&str] = &[
-    "--hidden=60,60",
-    "--train-samples=8192",
-    "--eval-samples=256",
-    "--batch-size=32",
-    "--target-batch-size=2048",
-    "--max-epochs=100000",
-    "--target-accuracy=0",
-    "--eval-every=0",
-    "--matchmaking-time=1",
-    "--request-timeout=0.3",
-    "--averaging-timeout=5",
-    "--next-chunk-timeout=2",
-    "--load-state-timeout=20",
-];
-
-/// Every child process of the test, killed (and reaped) on every exit path, panics included.
-#[derive(Default)]
-struct Children(Vec<(String, Child)>);
-
-impl Children {
-    fn push(&mut self, name: &str, child: Child) -> &mut Child {
-        self.0.push((name.to_owned(), child));
-        &mut self.0.last_mut().expect("just pushed").1
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (name, child) in &mut self.0 {
-            if let Err(error) = child.kill() {
-                // Already exited: nothing to kill.
-                if error.kind() != std::io::ErrorKind::InvalidInput {
-                    eprintln!("killing {name}: {error}");
-                }
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Lines a child printed, kept for the failure message, and the lines a test waits for.
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<Vec<String>>>);
-
-impl Output {
-    /// Reads `stream` line by line on a thread until it closes.
-    fn capture(&self, name: String, stream: impl Read + Send + 'static, lines: mpsc::Sender<(String, String)>) {
-        let kept = self.0.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = lines.send((name.clone(), line.clone()));
-                let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-                // The last lines are what tells why; keep the output bounded.
-                if kept.len() > 400 {
-                    kept.drain(..200);
-                }
-                kept.push(format!("[{name}] {line}"));
-            }
-        });
-    }
-
-    fn tail(&self) -> String {
-        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        kept[kept.len().saturating_sub(60)..].join("\n")
-    }
-}
-
 /// `prometheus` on `PATH`.
 fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -111,109 +39,31 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The example trainer built with this test, or built now.
-fn trainer_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("COLONY_TRAINER_BIN") {
-        return PathBuf::from(path);
-    }
-    // This binary is target/<profile>/deps/prometheus-<hash>; the trainer is target/<profile>/trainer.
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lies in target/<profile>/deps");
-    let trainer = profile_dir.join(format!("trainer{}", std::env::consts::EXE_SUFFIX));
-    if !trainer.is_file() {
-        eprintln!("{} is missing: building the example trainer", trainer.display());
-        let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        build.args(["build", "-p", "colony-examples", "--bin", "trainer"]);
-        match profile_dir.file_name().and_then(|name| name.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                build.arg("--release");
-            }
-            Some(other) => {
-                build.args(["--profile", other]);
-            }
-        }
-        let status = build.status().expect("running cargo to build the example trainer");
-        assert!(status.success(), "building the example trainer failed: {status}");
-    }
-    trainer
-}
-
-/// A free loopback port (bound and released; the process that gets it binds it next).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-    listener.local_addr().expect("its address").port()
-}
-
-/// Waits for a line of `name` starting with `prefix`; returns the rest of the line.
-fn wait_for_line(
-    lines: &mpsc::Receiver<(String, String)>,
-    seen: &mut Vec<(String, String)>,
-    name: &str,
-    prefix: &str,
-    output: &Output,
-) -> String {
-    let find = |seen: &[(String, String)]| {
-        seen.iter()
-            .find(|(who, line)| who == name && line.starts_with(prefix))
-            .map(|(_, line)| line[prefix.len()..].trim().to_owned())
-    };
-    let deadline = Instant::now() + STARTUP;
-    loop {
-        if let Some(found) = find(seen) {
-            return found;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "{name} printed no '{prefix}' line within {STARTUP:?}; its output:\n{}",
-                output.tail()
-            ),
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                "{name} closed its output (exited?) without printing a '{prefix}' line; its output:\n{}",
-                output.tail()
-            ),
-        }
-    }
-}
-
 /// Starts one trainer; returns its swarm address (`listening on …`) and its metrics address.
 fn start_trainer(
-    children: &mut Children,
+    swarm: &mut Processes,
     trainer: &Path,
     index: usize,
     initial_peer: Option<&str>,
-    output: &Output,
 ) -> (String, SocketAddr) {
     let name = format!("trainer{index}");
     let mut command = Command::new(trainer);
     command
         .args(["--listen", "tcp://127.0.0.1:0", "--metrics-address", "127.0.0.1:0"])
         .arg(format!("--shuffle-seed={}", 100 + index))
-        .args(TASK_FLAGS)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .args(SMALL_TASK)
+        .env("RUST_LOG", "warn");
     if let Some(peer) = initial_peer {
         command.args(["--initial-peer", peer]);
     }
-    let child = children.push(&name, command.spawn().expect("starting the example trainer"));
-    let (sender, lines) = mpsc::channel();
-    output.capture(name.clone(), child.stdout.take().expect("piped stdout"), sender.clone());
-    output.capture(name.clone(), child.stderr.take().expect("piped stderr"), sender);
-    let mut seen = Vec::new();
-    let metrics = wait_for_line(&lines, &mut seen, &name, "Prometheus metrics on http://", output);
+    swarm.spawn(&name, command);
+    let metrics = swarm.wait_for_line(&name, "Prometheus metrics on http://", STARTUP);
     let metrics: SocketAddr = metrics
         .trim_end_matches("/metrics")
         .parse()
         .unwrap_or_else(|error| panic!("{name}'s metrics address '{metrics}': {error}"));
-    let swarm = wait_for_line(&lines, &mut seen, &name, "listening on ", output);
-    (swarm, metrics)
+    let address = swarm.wait_for_line(&name, "listening on ", STARTUP);
+    (address, metrics)
 }
 
 /// An HTTP/1.0 GET on loopback (1.0: the body ends with the connection, never chunked); status and body.
@@ -277,13 +127,7 @@ fn query(prometheus: SocketAddr, promql: &str) -> Result<BTreeMap<String, f64>, 
 }
 
 /// Starts Prometheus scraping `targets` every second; returns its API address once it is ready.
-fn start_prometheus(
-    children: &mut Children,
-    binary: &Path,
-    dir: &Path,
-    targets: &[SocketAddr],
-    output: &Output,
-) -> SocketAddr {
+fn start_prometheus(swarm: &mut Processes, binary: &Path, dir: &Path, targets: &[SocketAddr]) -> SocketAddr {
     let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
     let config = dir.join("prometheus.yml");
     std::fs::write(
@@ -307,14 +151,8 @@ fn start_prometheus(
                 dir.join(format!("data{attempt}")).display()
             ))
             .arg(format!("--web.listen-address={address}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = children.push(&name, command.spawn().expect("starting prometheus"));
-        let (sender, _lines) = mpsc::channel();
-        output.capture(name.clone(), child.stdout.take().expect("piped stdout"), sender.clone());
-        output.capture(name.clone(), child.stderr.take().expect("piped stderr"), sender);
+            .arg("--log.level=warn");
+        let child = swarm.spawn(&name, command);
         let deadline = Instant::now() + STARTUP;
         loop {
             if let Ok((200, _)) = http_get(address, "/-/ready") {
@@ -327,7 +165,7 @@ fn start_prometheus(
         }
         eprintln!("prometheus did not become ready on {address}; retrying");
     }
-    panic!("prometheus did not start; its output:\n{}", output.tail());
+    panic!("prometheus did not start; its output:\n{}", swarm.tail());
 }
 
 #[test]
@@ -345,18 +183,17 @@ fn prometheus_sees_three_training_peers() {
         );
         return;
     };
-    let trainer = trainer_binary();
+    let trainer = workspace_binary("colony-examples", "trainer");
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let output = Output::default();
-    let mut children = Children::default();
+    let mut swarm = Processes::default();
 
-    let (first, first_metrics) = start_trainer(&mut children, &trainer, 0, None, &output);
+    let (first, first_metrics) = start_trainer(&mut swarm, &trainer, 0, None);
     let mut targets = vec![first_metrics];
     for index in 1..PEERS {
-        let (_, metrics) = start_trainer(&mut children, &trainer, index, Some(&first), &output);
+        let (_, metrics) = start_trainer(&mut swarm, &trainer, index, Some(&first));
         targets.push(metrics);
     }
-    let api = start_prometheus(&mut children, &prometheus, dir.path(), &targets, &output);
+    let api = start_prometheus(&mut swarm, &prometheus, dir.path(), &targets);
 
     // What must hold, each as (what, PromQL, condition on the result by instance).
     type Check = (&'static str, String, Box<dyn Fn(&BTreeMap<String, f64>) -> bool>);
@@ -411,10 +248,8 @@ fn prometheus_sees_three_training_peers() {
             eprintln!("Prometheus saw everything after {:.1?}", started.elapsed());
             break;
         }
-        for (name, child) in &mut children.0 {
-            if let Some(status) = child.try_wait().expect("polling a child") {
-                panic!("{name} exited early ({status}); output:\n{}", output.tail());
-            }
+        if let Some((name, status)) = swarm.exited() {
+            panic!("{name} exited early ({status}); output:\n{}", swarm.tail());
         }
         if started.elapsed() > DEADLINE {
             let report: Vec<String> = checks
@@ -424,7 +259,7 @@ fn prometheus_sees_three_training_peers() {
             panic!(
                 "within {DEADLINE:?}, Prometheus did not see: {missing:?}\nlast answers:\n{}\noutput:\n{}",
                 report.join("\n"),
-                output.tail()
+                swarm.tail()
             );
         }
         std::thread::sleep(Duration::from_millis(500));
