@@ -1297,14 +1297,17 @@ async fn state_stage(inner: &Arc<Inner>, job: EpochJob) {
     let started = Instant::now();
     let (tensors, version) = inner.shared.averaged_state();
     let sent = tensors.as_slice().to_vec();
-    // State rounds are not matched ahead: every peer starts looking at its epoch's end, and a group
-    // assembles as soon as the expected peers joined. A peer that has not found one within the matchmaking
+    // State rounds are not matched ahead: every peer starts looking at its epoch's end, and a group of the
+    // peers at the same epoch assembles as soon as the expected peers joined. A peer that has not found one within the matchmaking
     // window came too late and skips this round.
     let options = GroupOptions {
         timeout: inner.options.matchmaking_time.min(inner.options.averaging_timeout),
         scheduled_start: None,
         expected_group_size: Some(job.expected.max(2)),
-        round: None,
+        // Only peers averaging the same epoch's state: a round that mixed a peer's parameters of epoch e
+        // with another's of e + 1 would pull both by a step's difference (with the delta rule, every
+        // round after it too) and leave them apart.
+        round: Some(job.next_epoch),
     };
     let round = async {
         let group = inner.state_averager.find_group(1.0, options).await?;
