@@ -145,9 +145,9 @@ impl Trace {
 }
 
 /// The peers' host parameters agree: every peer started from the same state (loaded or initial) and took
-/// the same averaged steps, with state rounds (of peers at the same epoch) pulling stragglers back. The
-/// bound leaves room for the last epoch or two, which the peers may end at different moments under load,
-/// and for a last state round that a peer an epoch off could not join; a peer that trained on its own
+/// the same averaged steps, with state rounds pulling stragglers back. The bound leaves room for the last
+/// epoch or two, which the peers may end at different moments under load, and for a last state round a
+/// peer did not join; a peer that trained on its own
 /// would be far off (the centres the peers pull towards are 1, 3 and 5, two apart).
 fn assert_close(peers: &[&Peer]) {
     let params: Vec<Vec<f32>> = peers.iter().map(|p| p.optimizer.parameters()).collect();
