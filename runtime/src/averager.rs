@@ -165,7 +165,9 @@ pub struct Averager {
 const GATHER_LEN: usize = 1 + 1 + 4 + 8;
 const GATHER_VERSION: u8 = 1;
 
-fn encode_gather(mode: PeerMode, weight: f32, bandwidth: Option<f64>) -> Bytes {
+/// The gather bytes a member shares with its group (public for the fuzz targets' seeds only).
+#[doc(hidden)]
+pub fn encode_gather(mode: PeerMode, weight: f32, bandwidth: Option<f64>) -> Bytes {
     let mut bytes = Vec::with_capacity(GATHER_LEN);
     bytes.push(GATHER_VERSION);
     bytes.push(match mode {
@@ -178,7 +180,9 @@ fn encode_gather(mode: PeerMode, weight: f32, bandwidth: Option<f64>) -> Bytes {
     Bytes::from(bytes)
 }
 
-fn decode_gather(bytes: &[u8]) -> Result<(PeerMode, f32, Option<f64>), String> {
+/// Reads a member's gather bytes, as received from the group's leader (public for the fuzz targets only).
+#[doc(hidden)]
+pub fn decode_gather(bytes: &[u8]) -> Result<(PeerMode, f32, Option<f64>), String> {
     if bytes.len() != GATHER_LEN {
         return Err(format!("{} bytes, expected {GATHER_LEN}", bytes.len()));
     }

@@ -48,6 +48,9 @@ use crate::tensor::{FlatTensors, SchemaHash};
 
 pub use donor::serve;
 pub use download::download;
+/// The chunk arithmetic and payload checks, reachable for the fuzz targets (`fuzz/`); not a public API.
+#[doc(hidden)]
+pub use wire::{ChunkFault, check_chunk, chunk_count, chunk_range, decode_values, encode_values};
 pub use wire::{StateInfo, StateRequest, StateResponse};
 
 /// The protocol's name in `/colony/<name>/<version>`.

@@ -50,12 +50,12 @@ pub enum StateResponse {
 }
 
 /// Number of chunks of `chunk_values` values (at least 1) that cover `total_values` values.
-pub(crate) fn chunk_count(total_values: u64, chunk_values: u64) -> u64 {
+pub fn chunk_count(total_values: u64, chunk_values: u64) -> u64 {
     total_values.div_ceil(chunk_values.max(1))
 }
 
 /// The values of chunk `index`. The caller has checked that `index` is below [`chunk_count`].
-pub(crate) fn chunk_range(index: u64, chunk_values: u64, total_values: u64) -> Range<usize> {
+pub fn chunk_range(index: u64, chunk_values: u64, total_values: u64) -> Range<usize> {
     let start = index.saturating_mul(chunk_values).min(total_values);
     let end = start.saturating_add(chunk_values).min(total_values);
     // Both are at most `total_values`, which counts the values of a buffer in memory.
@@ -63,7 +63,7 @@ pub(crate) fn chunk_range(index: u64, chunk_values: u64, total_values: u64) -> R
 }
 
 /// The values as little-endian bytes: the exact payload of a chunk frame.
-pub(crate) fn encode_values(values: &[f32]) -> Bytes {
+pub fn encode_values(values: &[f32]) -> Bytes {
     let mut bytes = vec![0u8; values.len() * 4];
     let (words, _) = bytes.as_chunks_mut::<4>();
     for (word, value) in words.iter_mut().zip(values) {
@@ -74,7 +74,7 @@ pub(crate) fn encode_values(values: &[f32]) -> Bytes {
 
 /// Why a chunk payload cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ChunkFault {
+pub enum ChunkFault {
     /// The payload is not `4 × expected values` bytes long.
     Length { bytes: usize, expected_bytes: usize },
     /// The value at `position` (within the chunk) is NaN or infinite.
@@ -82,7 +82,7 @@ pub(crate) enum ChunkFault {
 }
 
 /// Checks that `payload` holds exactly `expected_values` finite little-endian `f32`.
-pub(crate) fn check_chunk(payload: &[u8], expected_values: usize) -> Result<(), ChunkFault> {
+pub fn check_chunk(payload: &[u8], expected_values: usize) -> Result<(), ChunkFault> {
     let expected_bytes = expected_values.saturating_mul(4);
     if payload.len() != expected_bytes {
         return Err(ChunkFault::Length {
@@ -109,7 +109,7 @@ pub(crate) fn check_chunk(payload: &[u8], expected_values: usize) -> Result<(), 
 }
 
 /// Writes the little-endian `f32` of `payload` into `out` (as many as both hold).
-pub(crate) fn decode_values(payload: &[u8], out: &mut [f32]) {
+pub fn decode_values(payload: &[u8], out: &mut [f32]) {
     let (words, _) = payload.as_chunks::<4>();
     for (value, word) in out.iter_mut().zip(words) {
         *value = f32::from_le_bytes(*word);
