@@ -163,6 +163,12 @@ pub struct NodeSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// The address others dial when it is not the one listened on (listening on `0.0.0.0`, a NAT's port
+    /// forward, a proxy): `HOST:PORT` or a full address, same transport as `listen`; port 0 keeps the bound
+    /// port. Default: the bound address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     /// Peers to join through, as full addresses (`tcp://HOST:PORT/p/PEER_ID`); the flag repeats.
     #[arg(long = "initial-peer", visible_alias = "initial-peers", value_name = "ADDRESS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -794,19 +800,24 @@ impl NodeSettings {
 
     /// Where to listen, with `transport`'s scheme when `listen` gives none; `None` when unset.
     pub fn listen_address(&self) -> Result<Option<Address>, ConfigError> {
-        let Some(listen) = &self.listen else {
+        self.address_key("listen", self.listen.as_deref())
+    }
+
+    /// `value` of `key` as an address, with `transport`'s scheme when it gives none.
+    fn address_key(&self, key: &str, value: Option<&str>) -> Result<Option<Address>, ConfigError> {
+        let Some(value) = value else {
             return Ok(None);
         };
-        let text = if listen.contains("://") {
-            listen.clone()
+        let text = if value.contains("://") {
+            value.to_owned()
         } else {
-            format!("{}://{listen}", self.transport.unwrap_or(TransportKind::Tcp).scheme())
+            format!("{}://{value}", self.transport.unwrap_or(TransportKind::Tcp).scheme())
         };
         text.parse().map(Some).map_err(|e| ConfigError::InvalidValue {
-            key: "listen".into(),
+            key: key.into(),
             section: "[node]".into(),
             origin: "the merged configuration".into(),
-            message: format!("{listen:?}: {e}"),
+            message: format!("{value:?}: {e}"),
         })
     }
 
@@ -814,6 +825,13 @@ impl NodeSettings {
     pub fn membership(&self) -> Result<MembershipConfig, ConfigError> {
         let listen = self.listen_address()?;
         let mut config = MembershipConfig::new(self.run_id.as_deref().unwrap_or(DEFAULT_RUN_ID), listen);
+        config.advertise = self.address_key("advertise", self.advertise.as_deref())?;
+        if config.advertise.is_some() && config.listen.is_none() {
+            return Err(ConfigError::Conflict {
+                section: "node".into(),
+                message: "advertise needs listen: a client-mode peer is dialled by nobody".into(),
+            });
+        }
         for peer in self.initial_peers.iter().flatten() {
             let address = peer.parse().map_err(|e| ConfigError::InvalidValue {
                 key: "initial_peers".into(),

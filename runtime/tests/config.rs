@@ -34,6 +34,7 @@ fn default_options() -> CollaborativeOptions {
 fn full_node() -> NodeSettings {
     NodeSettings {
         listen: Some("0.0.0.0:4000".into()),
+        advertise: Some("203.0.113.7:0".into()),
         initial_peers: Some(vec![
             format!("tcp://10.0.0.1:4000/p/{}", Keypair::generate().peer_id()),
             format!("quic://10.0.0.2:4000/p/{}", Keypair::generate().peer_id()),
@@ -192,7 +193,7 @@ fn an_unknown_key_is_refused_with_the_nearest_one() {
     assert!(message.contains("did you mean `optimizer`?"), "{message}");
     // Nothing close: the valid keys are listed.
     let message = error("[node]\nzzzzzzzzzz = 1\n");
-    assert!(message.contains("the keys here are listen, initial_peers"), "{message}");
+    assert!(message.contains("the keys here are listen, advertise, initial_peers"), "{message}");
     match parse("[optimizer]\nbatch_size = 8\n") {
         Err(ConfigError::UnknownKey { suggestion, .. }) => {
             assert_eq!(suggestion.as_deref(), Some("batch_size_per_step"));

@@ -592,3 +592,58 @@ async fn garbage_and_spoofed_membership_packets_are_dropped_and_counted() {
         peer.shutdown();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_announces_its_advertised_address_and_is_dialled_there() {
+    use colony_transports::tcp::{TcpConfig, TcpTransport};
+    let _serial = SERIAL.lock().await;
+    let start = |config: MembershipConfig| async {
+        let keypair = Arc::new(Keypair::generate());
+        let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new((*keypair).clone(), TcpConfig::default()));
+        Membership::start(config, keypair, transport, schemas()).await
+    };
+    // Bound on 127.0.0.1, announced under the name `localhost` with the bound port (port 0 keeps it).
+    let mut first = MembershipConfig::new(RUN, Some("tcp://127.0.0.1:0".parse().unwrap()));
+    first.advertise = Some("tcp://localhost:0".parse().unwrap());
+    first.swim = swim();
+    let first = start(first).await.expect("the first peer starts");
+    let announced = first.address().expect("a listening peer has an address");
+    let (host, port) = announced.location().rsplit_once(':').unwrap();
+    assert_eq!(host, "localhost", "announced {announced}");
+    assert_ne!(port, "0", "the bound port replaces port 0: {announced}");
+
+    // A second peer joins through the announced address and sees it as the first peer's address.
+    let mut second = MembershipConfig::new(RUN, Some("tcp://127.0.0.1:0".parse().unwrap()));
+    second.initial_peers = vec![announced.clone()];
+    second.swim = swim();
+    let second = start(second)
+        .await
+        .expect("the second peer joins through the advertised address");
+    wait_until(
+        "the second peer lists the first at its advertised address",
+        Duration::from_secs(20),
+        || second.members().iter().any(|m| m.address.as_ref() == Some(&announced)),
+    )
+    .await;
+
+    // advertise without listen, or with another scheme, is refused with both named.
+    let mut client = MembershipConfig::new(RUN, None);
+    client.advertise = Some("tcp://localhost:4000".parse().unwrap());
+    client.initial_peers = vec![announced.clone()];
+    let error = start(client)
+        .await
+        .err()
+        .expect("advertise without listen is refused")
+        .to_string();
+    assert!(error.contains("advertise tcp://localhost:4000 needs listen"), "{error}");
+    let mut mismatch = MembershipConfig::new(RUN, Some("tcp://127.0.0.1:0".parse().unwrap()));
+    mismatch.advertise = Some("quic://localhost:4000".parse().unwrap());
+    let error = start(mismatch)
+        .await
+        .err()
+        .expect("another scheme is refused")
+        .to_string();
+    assert!(error.contains("scheme of listen tcp://127.0.0.1:0"), "{error}");
+    first.shutdown();
+    second.shutdown();
+}

@@ -20,6 +20,10 @@ struct Args {
     /// Where to accept connections (tcp://HOST:PORT or quic://HOST:PORT); leave out for client mode.
     #[arg(long)]
     listen: Option<Address>,
+    /// The address others dial when it is not the listening one (listening on 0.0.0.0, a port forward, a
+    /// proxy); port 0 keeps the bound port. Default: the bound address.
+    #[arg(long)]
+    advertise: Option<Address>,
     /// A peer of the run to join through (repeatable); none for the first peer.
     #[arg(long = "initial-peer")]
     initial_peers: Vec<Address>,
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     };
     let flags = NodeSettings {
         listen: args.listen.as_ref().map(ToString::to_string),
+        advertise: args.advertise.as_ref().map(ToString::to_string),
         initial_peers: (!args.initial_peers.is_empty())
             .then(|| args.initial_peers.iter().map(ToString::to_string).collect()),
         run_id: args.run_id.clone(),

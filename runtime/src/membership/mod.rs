@@ -166,6 +166,10 @@ pub struct MembershipConfig {
     pub run_id: String,
     /// Where to listen; `None` makes this peer a client-mode member that nobody dials.
     pub listen: Option<Address>,
+    /// The address others dial, when it is not the bound one: listening on `0.0.0.0`, behind a NAT's port
+    /// forward or a proxy. Same scheme as `listen`; a port of 0 keeps the bound port. `None`: the bound
+    /// address.
+    pub advertise: Option<Address>,
     /// Peers to join through; empty for the first (bootstrap) peer.
     pub initial_peers: Vec<Address>,
     /// This peer's role when it listens ([`Role::Trainer`] or [`Role::Auxiliary`]).
@@ -203,6 +207,7 @@ impl std::fmt::Debug for MembershipConfig {
         f.debug_struct("MembershipConfig")
             .field("run_id", &self.run_id)
             .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
             .field("initial_peers", &self.initial_peers)
             .field("role", &self.role)
             .field("swim", &self.swim)
@@ -225,6 +230,7 @@ impl MembershipConfig {
         Self {
             run_id: run_id.into(),
             listen,
+            advertise: None,
             initial_peers: Vec::new(),
             role: Role::Trainer,
             bandwidth_mbps: 0.0,
@@ -254,6 +260,19 @@ impl MembershipConfig {
         if self.listen.is_none() && self.role == Role::Auxiliary {
             return bad("an auxiliary peer reduces for others, so it must listen (set listen)".into());
         }
+        if let Some(advertise) = &self.advertise {
+            let Some(listen) = &self.listen else {
+                return bad(format!(
+                    "advertise {advertise} needs listen: a client-mode peer is dialled by nobody"
+                ));
+            };
+            if advertise.scheme() != listen.scheme() {
+                return bad(format!(
+                    "advertise {advertise} must have the scheme of listen {listen}: others reach this peer \
+                     over the transport it listens with"
+                ));
+            }
+        }
         if !self.bandwidth_mbps.is_finite() || self.bandwidth_mbps < 0.0 {
             return bad(format!(
                 "bandwidth_mbps {} must be a finite number >= 0",
@@ -267,6 +286,20 @@ impl MembershipConfig {
             return bad("pool.max_connections must be at least 1".into());
         }
         self.swim.validate().map_err(MembershipError::Config)
+    }
+}
+
+/// The address others dial: `advertise` when set (its port 0 replaced by the bound port), else `bound`.
+fn advertised(bound: Address, advertise: Option<&Address>) -> Address {
+    let Some(advertise) = advertise else {
+        return bound;
+    };
+    let bound_port = bound.location().rsplit_once(':').map(|(_, port)| port);
+    match (advertise.location().rsplit_once(':'), bound_port) {
+        (Some((host, "0")), Some(port)) => {
+            Address::new(advertise.scheme(), format!("{host}:{port}"), None).unwrap_or_else(|_| advertise.clone())
+        }
+        _ => advertise.clone(),
     }
 }
 
@@ -550,7 +583,9 @@ impl Membership {
             Some(address) => Some(transport.listen(address).await.map_err(MembershipError::Listen)?),
             None => None,
         };
-        let address = listener.as_ref().map(|l| l.local_address().with_peer(local_peer));
+        let address = listener
+            .as_ref()
+            .map(|l| advertised(l.local_address(), config.advertise.as_ref()).with_peer(local_peer));
         let role = if address.is_none() { Role::Client } else { config.role };
         let local = MemberId {
             peer: local_peer,
