@@ -11,8 +11,14 @@
 //! contribution and released when the part is handed out, so memory stays near one shard even when senders
 //! run at different speeds. Values are accumulated in `f32`: a part is the sum of a few senders, and the
 //! summing loop is bound by memory bandwidth on multi-megabyte shards, which `f64` would halve.
+//!
+//! With [`Aggregation::CenteredClip`] a part's accumulator holds every sender's copy instead of a running
+//! sum (the robust centre needs them all at once), so a part in flight costs the group size times the part
+//! size until it is handed out; the rules for order, bans and zero weights are the same.
 
 use thiserror::Error;
+
+use crate::aggregation::{Aggregation, AggregationError, centered_clip};
 
 /// Why a contribution was refused. The reducer's state is unchanged; the caller usually bans the sender.
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -100,11 +106,22 @@ pub struct ReducedPart {
     pub average: Option<Vec<f32>>,
     /// How many senders delivered the part.
     pub contributors: usize,
+    /// How many of their copies CenteredClip clipped (always 0 for the mean).
+    pub clipped: usize,
+}
+
+/// What the reducer keeps of one part until it is handed out.
+#[derive(Debug)]
+enum Accumulator {
+    /// The mean's running sum.
+    Sum(RunningSum),
+    /// CenteredClip's copies, by sender (`None`: not delivered).
+    Copies(Vec<Option<Vec<f32>>>),
 }
 
 /// The running sum of one part.
 #[derive(Debug)]
-struct Accumulator {
+struct RunningSum {
     /// `Σ w·x` once a sender with positive weight has contributed; `Σ x` of the zero-weight senders before.
     sum: Vec<f32>,
     /// Whether `sum` is weighted (some contributor had positive weight).
@@ -114,7 +131,8 @@ struct Accumulator {
     contributors: usize,
 }
 
-/// Averages the parts of one reducer's shard from many senders, in order, tolerating failed senders.
+/// Averages the parts of one reducer's shard from many senders, in order, tolerating failed senders; the
+/// average is the weighted mean unless [`PartReducer::with_aggregation`] chose another [`Aggregation`].
 ///
 /// ```
 /// use colony_averaging::reducer::PartReducer;
@@ -140,6 +158,7 @@ pub struct PartReducer {
     banned: Vec<bool>,
     accumulators: Vec<Option<Accumulator>>,
     next_out: usize,
+    aggregation: Aggregation,
 }
 
 impl PartReducer {
@@ -171,7 +190,42 @@ impl PartReducer {
             banned: vec![false; num_senders],
             accumulators: std::iter::repeat_with(|| None).take(num_parts).collect(),
             next_out: 0,
+            aggregation: Aggregation::Mean,
         }
+    }
+
+    /// [`new`](Self::new) with `aggregation` instead of the mean; refuses an invalid one
+    /// ([`Aggregation::validate`]).
+    ///
+    /// ```
+    /// use colony_averaging::aggregation::Aggregation;
+    /// use colony_averaging::reducer::PartReducer;
+    ///
+    /// let clip = Aggregation::CenteredClip { tau: 1.0, iterations: 5 };
+    /// let mut reducer = PartReducer::with_aggregation(vec![1], vec![1.0; 3], clip).unwrap();
+    /// for (sender, value) in [(0, 1.0), (1, 2.0), (2, 1e6)] {
+    ///     reducer.accumulate(sender, 0, &[value]).unwrap();
+    /// }
+    /// let part = reducer.next_completed().unwrap();
+    /// // The mean would be 333334.3; the outlier pulls by at most τ = 1, in a third of the weight.
+    /// assert!(part.average.unwrap()[0] < 3.0);
+    /// assert_eq!(part.clipped, 1);
+    /// ```
+    pub fn with_aggregation(
+        part_lens: Vec<usize>,
+        weights: Vec<f32>,
+        aggregation: Aggregation,
+    ) -> Result<Self, AggregationError> {
+        aggregation.validate()?;
+        Ok(Self {
+            aggregation,
+            ..Self::new(part_lens, weights)
+        })
+    }
+
+    /// How the parts are combined.
+    pub fn aggregation(&self) -> Aggregation {
+        self.aggregation
     }
 
     /// Number of parts in the shard.
@@ -190,22 +244,33 @@ impl PartReducer {
     pub fn accumulate(&mut self, sender: usize, part: usize, values: &[f32]) -> Result<(), ReducerError> {
         self.check(sender, part, values)?;
         let weight = self.weights[sender];
+        let num_senders = self.num_senders();
         let slot = &mut self.accumulators[part];
+        if let Aggregation::CenteredClip { .. } = self.aggregation {
+            if !matches!(slot, Some(Accumulator::Copies(_))) {
+                *slot = Some(Accumulator::Copies(vec![None; num_senders]));
+            }
+            if let Some(Accumulator::Copies(copies)) = slot {
+                copies[sender] = Some(values.to_vec());
+            }
+            self.delivered[sender] += 1;
+            return Ok(());
+        }
         match slot {
-            None => {
+            None | Some(Accumulator::Copies(_)) => {
                 let sum = if weight > 0.0 {
                     values.iter().map(|&x| weight * x).collect()
                 } else {
                     values.to_vec()
                 };
-                *slot = Some(Accumulator {
+                *slot = Some(Accumulator::Sum(RunningSum {
                     sum,
                     weighted: weight > 0.0,
                     weight_sum: f64::from(weight),
                     contributors: 1,
-                });
+                }));
             }
-            Some(accumulator) => {
+            Some(Accumulator::Sum(accumulator)) => {
                 if weight > 0.0 {
                     if accumulator.weighted {
                         add_scaled(&mut accumulator.sum, values, weight);
@@ -301,14 +366,19 @@ impl PartReducer {
             return None;
         }
         self.next_out += 1;
-        let Some(accumulator) = self.accumulators[index].take() else {
-            return Some(ReducedPart {
-                index,
-                average: None,
-                contributors: 0,
-            });
+        let accumulator = match self.accumulators[index].take() {
+            Some(Accumulator::Sum(accumulator)) => accumulator,
+            Some(Accumulator::Copies(copies)) => return Some(self.clip(index, &copies)),
+            None => {
+                return Some(ReducedPart {
+                    index,
+                    average: None,
+                    contributors: 0,
+                    clipped: 0,
+                });
+            }
         };
-        let Accumulator {
+        let RunningSum {
             mut sum,
             weighted,
             weight_sum,
@@ -327,7 +397,35 @@ impl PartReducer {
             index,
             average: Some(sum),
             contributors,
+            clipped: 0,
         })
+    }
+
+    /// CenteredClip of the delivered copies of part `index`. As for the mean, zero-weight copies count
+    /// (equally) only when no positive-weight sender delivered the part.
+    fn clip(&self, index: usize, copies: &[Option<Vec<f32>>]) -> ReducedPart {
+        let Aggregation::CenteredClip { tau, iterations } = self.aggregation else {
+            unreachable!("copies are kept only for CenteredClip (invariant of accumulate)");
+        };
+        let delivered: Vec<(&[f32], f32)> = copies
+            .iter()
+            .zip(&self.weights)
+            .filter_map(|(copy, &weight)| copy.as_deref().map(|copy| (copy, weight)))
+            .collect();
+        let contributors = delivered.len();
+        let weighted = delivered.iter().any(|&(_, weight)| weight > 0.0);
+        let (values, weights): (Vec<&[f32]>, Vec<f32>) = delivered
+            .into_iter()
+            .filter(|&(_, weight)| !weighted || weight > 0.0)
+            .map(|(copy, weight)| (copy, if weighted { weight } else { 1.0 }))
+            .unzip();
+        let result = centered_clip(&values, &weights, tau, iterations);
+        ReducedPart {
+            index,
+            average: Some(result.values),
+            contributors,
+            clipped: result.clipped,
+        }
     }
 
     /// Parts below this index have been delivered by every sender that is not banned.
@@ -436,6 +534,7 @@ mod tests {
         values: Vec<Vec<Vec<f32>>>,
         /// Parts each sender delivers before it is banned (`None`: never banned).
         ban_after: Vec<Option<usize>>,
+        aggregation: Aggregation,
     }
 
     impl Scenario {
@@ -458,6 +557,7 @@ mod tests {
                 weights,
                 values,
                 ban_after,
+                aggregation: Aggregation::Mean,
             }
         }
 
@@ -488,7 +588,8 @@ mod tests {
         fn run(&self, rng: &mut Rng, schedule: Schedule) -> Vec<ReducedPart> {
             let senders = self.weights.len();
             let parts = self.part_lens.len();
-            let mut reducer = PartReducer::new(self.part_lens.clone(), self.weights.clone());
+            let mut reducer =
+                PartReducer::with_aggregation(self.part_lens.clone(), self.weights.clone(), self.aggregation).unwrap();
             let mut out = Vec::new();
             let limit = |s: usize| self.ban_after[s].unwrap_or(parts);
             let drain = |reducer: &mut PartReducer, out: &mut Vec<ReducedPart>| {
@@ -615,6 +716,120 @@ mod tests {
             }
         }
         assert!(saw_empty_part, "some scenario banned every sender before a part");
+    }
+
+    /// With a τ far above the values' spread CenteredClip clips nothing and equals the weighted mean, so the
+    /// whole harness (interleavings, bans, empty parts) applies to the copies it keeps.
+    #[test]
+    fn centered_clip_with_a_large_tau_is_the_weighted_mean_under_every_interleaving_and_ban() {
+        let mut rng = Rng(13);
+        let clip = Aggregation::CenteredClip {
+            tau: 1e6,
+            iterations: 3,
+        };
+        for senders in [1, 2, 4, 10] {
+            for parts in [0, 1, 40] {
+                for schedule in [Schedule::Lockstep, Schedule::Random, Schedule::OneAfterAnother] {
+                    for ban_probability in [0.0, 0.5] {
+                        let scenario = Scenario {
+                            aggregation: clip,
+                            ..Scenario::new(&mut rng, senders, parts, ban_probability)
+                        };
+                        let out = scenario.run(&mut rng, schedule);
+                        scenario.check(&out);
+                        assert!(out.iter().all(|p| p.clipped == 0));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn centered_clip_bounds_an_outlier_and_keeps_a_banned_senders_delivered_parts() {
+        let clip = Aggregation::CenteredClip {
+            tau: 0.5,
+            iterations: 5,
+        };
+        let mut reducer = PartReducer::with_aggregation(vec![3, 3], vec![1.0; 4], clip).unwrap();
+        assert_eq!(reducer.aggregation(), clip);
+        for sender in 0..3 {
+            let base = 1.0 + sender as f32 * 0.1;
+            reducer.accumulate(sender, 0, &[base, -base, base]).unwrap();
+        }
+        assert!(reducer.next_completed().is_none(), "part 0 waits for sender 3");
+        // Sender 3 sends a part a thousand times too large, then fails.
+        reducer.accumulate(3, 0, &[1.1e3, -1.1e3, 1.1e3]).unwrap();
+        reducer.ban(3);
+        let part = reducer.next_completed().unwrap();
+        assert_eq!((part.index, part.contributors, part.clipped), (0, 4, 1));
+        let average = part.average.unwrap();
+        // The median of the four is 1.15 (per sign); the outlier pulls by at most τ = 0.5 in a quarter of
+        // the weight per iteration; the mean would be 275.8.
+        for (value, sign) in average.iter().zip([1.0f32, -1.0, 1.0]) {
+            let magnitude = value * sign;
+            assert!((1.0..1.8).contains(&magnitude), "{average:?}");
+        }
+        // Part 1 no longer waits for the banned sender, and its copies are the three others'.
+        for sender in 0..3 {
+            reducer.accumulate(sender, 1, &[2.0, 2.0, 2.0]).unwrap();
+        }
+        let part = reducer.next_completed().unwrap();
+        assert_eq!(
+            (part.average, part.contributors, part.clipped),
+            (Some(vec![2.0; 3]), 3, 0)
+        );
+        assert!(reducer.is_finished());
+    }
+
+    #[test]
+    fn centered_clip_counts_zero_weights_only_without_weighted_copies_and_releases_copies() {
+        let clip = Aggregation::CenteredClip {
+            tau: 100.0,
+            iterations: 2,
+        };
+        // Sender 0 weighs nothing: it counts only where sender 1 (weight 2) did not deliver.
+        let mut reducer = PartReducer::with_aggregation(vec![2, 2], vec![0.0, 2.0], clip).unwrap();
+        reducer.accumulate(0, 0, &[10.0, 20.0]).unwrap();
+        reducer.accumulate(1, 0, &[1.0, 2.0]).unwrap();
+        assert!(reducer.accumulators[0].is_some() && reducer.accumulators[1].is_none());
+        reducer.ban(1);
+        reducer.accumulate(0, 1, &[3.0, 5.0]).unwrap();
+        let part = reducer.next_completed().unwrap();
+        assert_eq!((part.average, part.contributors), (Some(vec![1.0, 2.0]), 2));
+        assert!(reducer.accumulators[0].is_none(), "released on hand-out");
+        assert_eq!(reducer.next_completed().unwrap().average, Some(vec![3.0, 5.0]));
+        // All weights zero, negative or not finite: the plain mean (a large τ clips nothing).
+        let mut reducer = PartReducer::with_aggregation(vec![1], vec![0.0, -1.0, f32::NAN], clip).unwrap();
+        for (sender, value) in [(0, 1.0), (1, 2.0), (2, 6.0)] {
+            reducer.accumulate(sender, 0, &[value]).unwrap();
+        }
+        let average = reducer.next_completed().unwrap().average.unwrap();
+        assert!((average[0] - 3.0).abs() < 1e-6, "{average:?}");
+    }
+
+    #[test]
+    fn an_invalid_aggregation_is_refused() {
+        let error = PartReducer::with_aggregation(
+            vec![1],
+            vec![1.0],
+            Aggregation::CenteredClip {
+                tau: f32::NAN,
+                iterations: 1,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(error, AggregationError::InvalidTau(tau) if tau.is_nan()));
+        // Refused input is refused as with the mean: a non-finite copy never enters the copies.
+        let clip = Aggregation::CenteredClip {
+            tau: 1.0,
+            iterations: 1,
+        };
+        let mut reducer = PartReducer::with_aggregation(vec![2], vec![1.0], clip).unwrap();
+        assert!(matches!(
+            reducer.accumulate(0, 0, &[1.0, f32::INFINITY]),
+            Err(ReducerError::NonFinite { position: 1, .. })
+        ));
+        assert!(reducer.accumulators[0].is_none());
     }
 
     #[test]

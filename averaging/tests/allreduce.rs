@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use colony_averaging::aggregation::Aggregation;
 use colony_averaging::allreduce::{
     self, AllReduceConfig, AllReduceService, Fault, GroupId, GroupMember, GroupPlan, Outcome, PeerMode, ServiceConfig,
     ToReducer, ToSender,
@@ -450,11 +451,18 @@ async fn a_rogue_sender_is_dropped_and_the_others_finish() {
         let _ = tokio::time::timeout(Duration::from_secs(5), recv.recv()).await;
     }
     let honest = weighted_mean(&inputs, &[1.0; 3], &[true, true, false]);
-    for handle in handles.into_iter().take(2) {
+    for (index, handle) in handles.into_iter().take(2).enumerate() {
         let outcome = handle.unwrap().await.unwrap().unwrap();
         assert!(
             outcome.report.dropped_senders.contains(&peers[2].id()),
             "{:?}",
+            outcome.report
+        );
+        // Peer 0 got the NaN part and counts it; peer 1's refusal (a wrong index) is not a NaN.
+        assert_eq!(
+            outcome.report.non_finite_parts,
+            usize::from(index == 0),
+            "peer {index}: {:?}",
             outcome.report
         );
         let values = outcome.tensors.unwrap().into_vec();
@@ -470,6 +478,109 @@ async fn a_rogue_sender_is_dropped_and_the_others_finish() {
             values.len()
         );
     }
+}
+
+/// Four peers, one of which sends its values scaled by 10³ (and, in a second round, random values of that
+/// size): with CenteredClip every peer's result stays within the outlier's bounded pull of the honest mean,
+/// for exact and compressed parts; with the mean it is dragged far away. Reducers count what they clipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn centered_clip_bounds_a_peer_that_sends_scaled_or_random_values() {
+    let peers = peers(4, Net::Mem, Duration::from_secs(5)).await;
+    let layout = Arc::new(TensorLayout::new(vec![TensorInfo::new("w", [3000]), TensorInfo::new("b", [40])]).unwrap());
+    let mut rng = Rng(31);
+    let signal: Vec<f32> = (0..3040).map(|_| 2.0 * rng.normal()).collect();
+    let honest: Vec<Vec<f32>> = (0..3)
+        .map(|_| signal.iter().map(|s| s + 0.1 * rng.normal()).collect())
+        .collect();
+    let honest_mean = weighted_mean(&honest, &[1.0; 3], &[true; 3]);
+    let scaled: Vec<f32> = honest[0].iter().map(|v| v * 1e3).collect();
+    let random: Vec<f32> = (0..3040).map(|_| 2e3 * rng.normal()).collect();
+    let tau = 0.5;
+    let clip = Aggregation::CenteredClip { tau, iterations: 5 };
+    // The outlier's pull: at most τ per value (root mean square) in a quarter of the weight, balanced by the
+    // honest copies' three quarters, so the centre lies within τ/3 per value of their mean.
+    let bound = tau / 3.0;
+    let mut group = 40;
+    for (attack, outlier) in [("scaled", &scaled), ("random", &random)] {
+        let mut inputs = honest.clone();
+        inputs.push(outlier.clone());
+        for codec in [Codec::None, Codec::Float16] {
+            for aggregation in [Aggregation::Mean, clip] {
+                group += 1;
+                let plan = plan(&peers, &[PeerMode::Node; 4], &[1.0; 4], group);
+                let config = AllReduceConfig {
+                    part_size_bytes: 1024,
+                    codecs: CodecPolicy::Fixed(codec),
+                    aggregation,
+                    ..AllReduceConfig::default()
+                };
+                let handles = run_round(&peers, &plan, &layout, &inputs, &config, &[None; 4], &[false; 4]).await;
+                let mut clipped = 0;
+                let mut parts = 0;
+                for (index, handle) in handles.into_iter().enumerate() {
+                    let outcome = handle.unwrap().await.unwrap().unwrap();
+                    assert_eq!(outcome.report.parts_averaged, outcome.report.parts);
+                    parts = outcome.report.parts;
+                    assert_eq!(outcome.report.non_finite_parts, 0);
+                    clipped += outcome.report.clipped_copies;
+                    if index == 3 {
+                        continue;
+                    }
+                    // The root-mean-square deviation per value from the honest mean, the quantity τ bounds.
+                    let values = outcome.tensors.unwrap().into_vec();
+                    let squares: f64 = values
+                        .iter()
+                        .zip(&honest_mean)
+                        .map(|(a, b)| f64::from(a - b).powi(2))
+                        .sum();
+                    let off = (squares / values.len() as f64).sqrt() as f32;
+                    let what = format!("{attack}, {codec:?}, {aggregation:?}: peer {index} is off by {off} per value");
+                    if aggregation == Aggregation::Mean {
+                        assert!(off > 100.0, "{what}");
+                    } else {
+                        // float16 adds its rounding of values of a few units (relative 2^-11).
+                        assert!(off < 1.2 * bound + 0.01, "{what}");
+                    }
+                }
+                if aggregation == Aggregation::Mean {
+                    assert_eq!(clipped, 0);
+                } else {
+                    // Every part clips the outlier's copy, and only it (the honest spread, 0.1, is below τ).
+                    assert_eq!(clipped, parts, "{attack}, {codec:?}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_aggregation_is_refused_before_the_round() {
+    let peers = peers(2, Net::Mem, Duration::from_secs(1)).await;
+    let layout = small_layout();
+    let plan = plan(&peers, &[PeerMode::Node; 2], &[1.0; 2], 60);
+    let config = AllReduceConfig {
+        aggregation: Aggregation::CenteredClip {
+            tau: -1.0,
+            iterations: 5,
+        },
+        ..AllReduceConfig::default()
+    };
+    let tensors = FlatTensors::new(layout.clone(), vec![0.0; layout.total_values()]).unwrap();
+    let error = allreduce::start(
+        &peers[0].service,
+        peers[0].endpoint.connector(),
+        plan,
+        peers[0].id(),
+        layout,
+        Some(tensors),
+        config,
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(error, allreduce::AllReduceError::InvalidConfig(_)) && error.to_string().contains("tau"),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -458,6 +458,7 @@ fn allreduce_failure_reason(error: &AveragerError) -> &'static str {
         AveragerError::BadInput(_) => "bad_input",
         AveragerError::AllReduce(error) => match error {
             AllReduceError::InvalidPlan(_) => "invalid_plan",
+            AllReduceError::InvalidConfig(_) => "invalid_config",
             AllReduceError::NotAMember(..) => "not_a_member",
             AllReduceError::BadInput(_) => "bad_input",
             AllReduceError::Partition(_) => "partition",

@@ -181,6 +181,14 @@ fn describe_metrics() {
         "All-reduce rounds that failed, by reason."
     );
     describe_counter!(
+        "colony_allreduce_parts_refused_total",
+        "All-reduce parts refused (a sender's part or a reducer's result), by reason (non_finite: NaN or infinity)."
+    );
+    describe_counter!(
+        "colony_allreduce_clipped_copies_total",
+        "Senders' copies of parts that CenteredClip clipped on this peer's reducer."
+    );
+    describe_counter!(
         "colony_membership_datagrams_sent_total",
         "Membership (SWIM) datagrams sent."
     );

@@ -18,6 +18,12 @@
 //! - the round fails as a whole only when this peer's own run cannot continue (bad plan, cancellation, the
 //!   overall `allreduce_timeout`).
 //!
+//! A part that holds NaN or infinity (a sender's part, or a reducer's result) is refused: its sender is
+//! dropped (or the reducer counts as failed) and the refusal is counted in [`Report::non_finite_parts`] and
+//! the `colony_allreduce_parts_refused_total{reason="non_finite"}` metric. A reducer combines the copies it
+//! receives with the config's [`Aggregation`]: the weighted mean, or CenteredClip, which bounds how far one
+//! sender's copy can pull the result (see [`crate::aggregation`]).
+//!
 //! Results are delivered tensor by tensor, in order, as soon as all parts of a tensor are in
 //! ([`AllReduceRun::next_tensor`]); [`AllReduceRun::finish`] returns the whole averaged buffer and a
 //! [`Report`] of what failed.
@@ -36,6 +42,7 @@ pub use messages::{Refusal, ToReducer, ToSender};
 pub use run::{AllReduceRun, TensorReady, start};
 pub use service::{AllReduceService, ServiceConfig, protocol};
 
+use crate::aggregation::Aggregation;
 use crate::codec::CodecPolicy;
 use crate::partition::PartitionError;
 use crate::tensor::FlatTensors;
@@ -102,6 +109,9 @@ pub struct AllReduceConfig {
     pub allreduce_timeout: Duration,
     /// Codec per tensor. Every member must use the same policy: part boundaries depend on it.
     pub codecs: CodecPolicy,
+    /// How this peer, as a reducer, combines the senders' copies of its parts. Each reducer applies its own
+    /// setting to the parts it owns, so a group is robust only where every reducer clips. Default the mean.
+    pub aggregation: Aggregation,
     /// Frame limits and stream settings.
     pub stream: StreamConfig,
     /// Deliberate faults, for tests of the failure rules only.
@@ -117,6 +127,7 @@ impl Default for AllReduceConfig {
             reducer_timeout: Duration::from_secs(30),
             allreduce_timeout: Duration::from_secs(60),
             codecs: CodecPolicy::default(),
+            aggregation: Aggregation::Mean,
             stream: StreamConfig::default(),
             fault: None,
         }
@@ -145,6 +156,9 @@ pub enum AllReduceError {
     /// The plan is unusable (names what).
     #[error("invalid group plan: {0}")]
     InvalidPlan(String),
+    /// The configuration is unusable (names the setting).
+    #[error("invalid all-reduce configuration: {0}")]
+    InvalidConfig(String),
     /// This peer is not a member of the plan.
     #[error("peer {0} is not a member of group {1:?}")]
     NotAMember(PeerId, GroupId),
@@ -175,6 +189,12 @@ pub struct Report {
     pub dropped_senders: Vec<PeerId>,
     /// The round hit `allreduce_timeout`: parts without a result kept local values.
     pub timed_out: bool,
+    /// Parts refused because they held NaN or infinity: senders' parts this peer was to reduce (the sender
+    /// was dropped) and results from reducers (the reducer counts as failed).
+    pub non_finite_parts: usize,
+    /// Copies of parts this peer reduced that CenteredClip clipped (0 with the mean). Many clipped copies in
+    /// every round, from every sender, mean τ is below the honest senders' spread.
+    pub clipped_copies: usize,
 }
 
 /// The result of a round: the averaged tensors (none for an auxiliary peer) and the report.

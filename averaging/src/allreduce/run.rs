@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use super::messages::{Refusal, ToReducer, ToSender};
 use super::service::{AllReduceService, IncomingPart, Registration, refuse};
 use super::{AllReduceConfig, AllReduceError, Fault, GroupPlan, Outcome, PeerMode, Report, protocol};
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecError};
 use crate::net::Connector;
 use crate::partition::{PartitionPlan, values_per_part};
-use crate::reducer::PartReducer;
+use crate::reducer::{PartReducer, ReducerError};
 use crate::tensor::{FlatTensors, TensorLayout};
 
 /// A tensor whose every part is in: its averaged values (local values where a reducer failed).
@@ -122,6 +122,10 @@ pub fn start(
     tensors: Option<FlatTensors>,
     config: AllReduceConfig,
 ) -> Result<AllReduceRun, AllReduceError> {
+    config
+        .aggregation
+        .validate()
+        .map_err(|e| AllReduceError::InvalidConfig(format!("aggregation: {e}")))?;
     let me = plan.validate(me)?;
     let mode = plan.members[me].mode;
     let local = match (mode, tensors) {
@@ -266,8 +270,19 @@ async fn drive(
         Ok((reducing_report, reports)) => {
             for task in reports.into_iter().chain(reducing_report) {
                 match task {
-                    TaskReport::ReducerFailed(peer) => report.failed_reducers.push(peer),
-                    TaskReport::Dropped(peers) => report.dropped_senders.extend(peers),
+                    TaskReport::ReducerFailed { peer, non_finite } => {
+                        report.failed_reducers.push(peer);
+                        report.non_finite_parts += usize::from(non_finite);
+                    }
+                    TaskReport::Reduced {
+                        dropped,
+                        non_finite,
+                        clipped,
+                    } => {
+                        report.dropped_senders.extend(dropped);
+                        report.non_finite_parts += non_finite;
+                        report.clipped_copies += clipped;
+                    }
                     TaskReport::Fine => {}
                 }
             }
@@ -384,8 +399,60 @@ impl Collector {
 
 enum TaskReport {
     Fine,
-    ReducerFailed(PeerId),
-    Dropped(Vec<PeerId>),
+    /// A reducer failed this peer; `non_finite` when it sent a result with NaN or infinity.
+    ReducerFailed {
+        peer: PeerId,
+        non_finite: bool,
+    },
+    /// This peer's reducing side: the senders it dropped, the parts it refused as non-finite and the copies
+    /// CenteredClip clipped.
+    Reduced {
+        dropped: Vec<PeerId>,
+        non_finite: usize,
+        clipped: usize,
+    },
+}
+
+/// Why a stream's exchange ended early, and whether the cause was a NaN or an infinity (counted apart).
+struct Failure {
+    reason: String,
+    non_finite: bool,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            non_finite: false,
+        }
+    }
+}
+
+impl Failure {
+    /// A failure whose cause is a non-finite value: counted in `colony_allreduce_parts_refused_total`.
+    fn non_finite(reason: String) -> Self {
+        metrics::counter!("colony_allreduce_parts_refused_total", "reason" => "non_finite").increment(1);
+        Self {
+            reason,
+            non_finite: true,
+        }
+    }
+
+    fn codec(error: CodecError, reason: String) -> Self {
+        if matches!(error, CodecError::NonFinite { .. }) {
+            Self::non_finite(reason)
+        } else {
+            Self::from(reason)
+        }
+    }
+
+    fn reducer(error: ReducerError, reason: String) -> Self {
+        if matches!(error, ReducerError::NonFinite { .. }) {
+            Self::non_finite(reason)
+        } else {
+            Self::from(reason)
+        }
+    }
 }
 
 /// Sends this peer's parts to reducer `reducer` and applies the deltas it returns.
@@ -414,8 +481,10 @@ async fn exchange_with_reducer(
     };
     let (send, recv) = match tokio::time::timeout(timeout, opened).await {
         Ok(Ok(streams)) => streams,
-        Ok(Err(reason)) => return reducer_failed(peer, &reason),
-        Err(_) => return reducer_failed(peer, &format!("could not open a stream within {timeout:?}")),
+        Ok(Err(reason)) => return reducer_failed(peer, reason.into()),
+        Err(_) => {
+            return reducer_failed(peer, format!("could not open a stream within {timeout:?}").into());
+        }
     };
     let parts = context.partition.parts_of_peer(reducer);
     let (sent_sender, sent) = watch::channel(SendProgress::default());
@@ -430,13 +499,17 @@ async fn exchange_with_reducer(
     };
     match received {
         Ok(()) => TaskReport::Fine,
-        Err(reason) => reducer_failed(peer, &reason),
+        Err(failure) => reducer_failed(peer, failure),
     }
 }
 
-fn reducer_failed(peer: PeerId, reason: &str) -> TaskReport {
+fn reducer_failed(peer: PeerId, failure: Failure) -> TaskReport {
+    let reason = failure.reason;
     tracing::debug!(reducer = %peer.short(), %reason, "all-reduce: reducer failed; its parts keep local values");
-    TaskReport::ReducerFailed(peer)
+    TaskReport::ReducerFailed {
+        peer,
+        non_finite: failure.non_finite,
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -485,7 +558,7 @@ async fn receive_results(
     parts: Range<usize>,
     mut progress: watch::Receiver<SendProgress>,
     updates: &mpsc::UnboundedSender<PartUpdate>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut recv = recv;
     for (position, part) in parts.clone().enumerate() {
         // Never wait for the result of a part that was not sent.
@@ -494,7 +567,7 @@ async fn receive_results(
             .await
             .map_err(|_| "the sending side ended".to_owned())?;
         if state.sent <= position {
-            return Err(format!("sent only {} of {} parts", state.sent, parts.len()));
+            return Err(format!("sent only {} of {} parts", state.sent, parts.len()).into());
         }
         let (message, payload) = recv
             .recv()
@@ -505,40 +578,37 @@ async fn receive_results(
             ToSender::Averaged { index, codec } => (index, codec),
             ToSender::Refused { code, detail } => {
                 let why = Refusal::from_code(code).map_or_else(|| format!("refusal code {code}"), |r| r.to_string());
-                return Err(format!("refused: {why} ({detail})"));
+                return Err(format!("refused: {why} ({detail})").into());
             }
         };
         if index != part as u64 {
-            return Err(format!("expected the result of part {part}, got part {index}"));
+            return Err(format!("expected the result of part {part}, got part {index}").into());
         }
         let expected = context.part_codec(part);
         if codec != expected.id() {
-            return Err(format!(
-                "result of part {part} in codec {codec}, expected {}",
-                expected.id()
-            ));
+            return Err(format!("result of part {part} in codec {codec}, expected {}", expected.id()).into());
         }
         let len = context.part_range(part).len();
         let update = if expected == Codec::None {
             // Uncompressed: the average itself (no compression error to cancel), checked here and copied
             // straight from the received bytes.
             if payload.len() != len * 4 {
-                return Err(format!(
-                    "result of part {part}: {} bytes for {len} values",
-                    payload.len()
-                ));
+                return Err(format!("result of part {part}: {} bytes for {len} values", payload.len()).into());
             }
             if let Some(at) = payload
                 .chunks_exact(4)
                 .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
             {
-                return Err(format!("result of part {part}: value {at} is not finite"));
+                return Err(Failure::non_finite(format!(
+                    "result of part {part}: value {at} is not finite"
+                )));
             }
             PartUpdate::RawAverage { part, bytes: payload }
         } else {
-            let values = expected
-                .decode(&payload, len)
-                .map_err(|e| format!("result of part {part}: {e}"))?;
+            let values = expected.decode(&payload, len).map_err(|e| {
+                let reason = format!("result of part {part}: {e}");
+                Failure::codec(e, reason)
+            })?;
             PartUpdate::Delta { part, values }
         };
         if updates.send(update).is_err() {
@@ -561,6 +631,10 @@ struct ReducerCore {
     dropped: Vec<PeerId>,
     /// This peer's own sender slot, if it sends.
     own_slot: Option<usize>,
+    /// Parts refused because they held NaN or infinity.
+    non_finite: usize,
+    /// Copies CenteredClip clipped.
+    clipped: usize,
 }
 
 struct Reply {
@@ -594,6 +668,10 @@ impl ReducerCore {
     fn drain(&mut self, updates: &mpsc::UnboundedSender<PartUpdate>) {
         while let Some(reduced) = self.reducer.next_completed() {
             let part = self.first + reduced.index;
+            if reduced.clipped > 0 {
+                self.clipped += reduced.clipped;
+                metrics::counter!("colony_allreduce_clipped_copies_total").increment(reduced.clipped as u64);
+            }
             let Some(average) = reduced.average else { continue };
             let average = Arc::new(average);
             if self.own_slot.is_some() {
@@ -633,6 +711,14 @@ impl ReducerCore {
         self.pending[slot].clear();
         self.drain(updates);
     }
+
+    fn report(&self) -> TaskReport {
+        TaskReport::Reduced {
+            dropped: self.dropped.clone(),
+            non_finite: self.non_finite,
+            clipped: self.clipped,
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -657,14 +743,18 @@ async fn reduce_own_parts(
         .collect();
     let senders = weights.len();
     let own_slot = context.sender_slot[context.me];
+    let reducer = PartReducer::with_aggregation(part_lens, weights, context.config.aggregation)
+        .expect("start validated the aggregation (invariant of start)");
     let core = Arc::new(Mutex::new(ReducerCore {
-        reducer: PartReducer::new(part_lens, weights),
+        reducer,
         first: own_parts.start,
         pending: (0..senders).map(|_| HashMap::new()).collect(),
         writers: (0..senders).map(|_| None).collect(),
         started: vec![false; senders],
         dropped: Vec::new(),
         own_slot,
+        non_finite: 0,
+        clipped: 0,
     }));
     if let (Some(slot), Some(local)) = (own_slot, context.local.as_ref()) {
         let mut core = lock(&core);
@@ -672,6 +762,10 @@ async fn reduce_own_parts(
         for (index, part) in own_parts.clone().enumerate() {
             if let Err(error) = core.reducer.accumulate(slot, index, &local[context.part_range(part)]) {
                 tracing::warn!(%error, "all-reduce: this peer's own values were refused; dropping them");
+                if matches!(error, ReducerError::NonFinite { .. }) {
+                    core.non_finite += 1;
+                    metrics::counter!("colony_allreduce_parts_refused_total", "reason" => "non_finite").increment(1);
+                }
                 core.reducer.ban(slot);
                 break;
             }
@@ -708,7 +802,7 @@ async fn reduce_own_parts(
             () = failed.notified() => {
                 // Fault injection: this reducer dies with every stream of it.
                 streams.abort_all();
-                return TaskReport::Dropped(lock(&core).dropped.clone());
+                return lock(&core).report();
             }
         }
     }
@@ -724,8 +818,7 @@ async fn reduce_own_parts(
             }
         }
     }
-    let dropped = lock(&core).dropped.clone();
-    TaskReport::Dropped(dropped)
+    lock(&core).report()
 }
 
 async fn accept_sender(
@@ -770,8 +863,10 @@ async fn accept_sender(
         context.config.sender_timeout,
     );
     streams.spawn(async move {
-        if let Err(reason) = read_parts(&reader_context, &reader_core, slot, recv, &reader_updates).await {
-            lock(&reader_core).drop_sender(slot, peer, &reason, &reader_updates);
+        if let Err(failure) = read_parts(&reader_context, &reader_core, slot, recv, &reader_updates).await {
+            let mut core = lock(&reader_core);
+            core.non_finite += usize::from(failure.non_finite);
+            core.drop_sender(slot, peer, &failure.reason, &reader_updates);
         }
     });
     let writer_context = context.clone();
@@ -789,7 +884,7 @@ async fn read_parts(
     slot: usize,
     mut recv: FramedRecv<ToReducer>,
     updates: &mpsc::UnboundedSender<PartUpdate>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let own_parts = context.partition.parts_of_peer(context.me);
     for (index, part) in own_parts.clone().enumerate() {
         let (message, payload) = recv
@@ -798,10 +893,10 @@ async fn read_parts(
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("the stream ended after {index} of {} parts", own_parts.len()))?;
         let ToReducer::Part { index: got, codec } = message else {
-            return Err("a second Begin message".into());
+            return Err(String::from("a second Begin message").into());
         };
         if got != part as u64 {
-            return Err(format!("expected part {part}, got part {got}"));
+            return Err(format!("expected part {part}, got part {got}").into());
         }
         let codec = Codec::from_id(codec).map_err(|e| e.to_string())?;
         let len = context.part_range(part).len();
@@ -813,13 +908,17 @@ async fn read_parts(
             .filter(|values| values.len() == len);
         let decoded = match in_place {
             Some(_) => None,
-            None => Some(codec.decode(&payload, len).map_err(|e| format!("part {part}: {e}"))?),
+            None => Some(codec.decode(&payload, len).map_err(|e| {
+                let reason = format!("part {part}: {e}");
+                Failure::codec(e, reason)
+            })?),
         };
         let values = in_place.or(decoded.as_deref()).expect("one of the two is set");
         let mut core = lock(core);
-        core.reducer
-            .accumulate(slot, index, values)
-            .map_err(|e| format!("part {part}: {e}"))?;
+        core.reducer.accumulate(slot, index, values).map_err(|e| {
+            let reason = format!("part {part}: {e}");
+            Failure::reducer(e, reason)
+        })?;
         let received = match decoded {
             Some(values) if codec != Codec::None => Received::Compressed(values),
             _ => Received::Uncompressed,
