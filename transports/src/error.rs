@@ -54,6 +54,13 @@ pub enum TransportError {
     /// The remote peer could not prove the identity it claims, or the local peer refused it.
     #[error("authentication with {address} failed: {reason}")]
     Authentication { address: String, reason: String },
+    /// The remote peer's access policy refused this peer (not on the run's allowlist, no valid membership
+    /// certificate); `reason` is the remote's, in words.
+    #[error("the peer at {address} refused this peer: {reason}")]
+    AccessRefused { address: String, reason: String },
+    /// This peer's access policy refused the remote peer it reached.
+    #[error("refused the peer at {address}: {reason}")]
+    NotAdmitted { address: String, reason: String },
     /// The dialer required another peer than the one that answered.
     #[error("dialed {address} expecting peer {expected}, but peer {actual} answered")]
     UnexpectedPeer {

@@ -6,6 +6,8 @@
 //!   carrying bidirectional streams and best-effort datagrams, with observable closing.
 //! - Transports: [`mem`] (in-process hub), [`tcp`] (LAN: signed handshake, optional TLS, multiplexed
 //!   streams), [`quic`] (WAN: quinn with TLS 1.3 and certificates bound to the peer key).
+//! - [`access`]: who may take part in a run (open, an allowlist, or membership certificates of an authority),
+//!   checked on every connection by a wrapper around any transport.
 //! - [`emulation`]: latency, bandwidth, loss, partitions and kills around any transport.
 //! - [`wire`]: length-prefixed frames with validated rkyv headers and raw payloads; protocol ids.
 //! - [`rpc`]: typed message streams, request/response calls and the [`rpc::Router`] that serves protocols.
@@ -13,6 +15,7 @@
 //! Above it, `colony-averaging` moves tensors and the `colony` runtime runs membership and the optimizer;
 //! neither knows which transport is in use.
 
+pub mod access;
 pub mod address;
 pub mod emulation;
 pub mod error;
