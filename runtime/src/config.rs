@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use colony_averaging::aggregation::{Aggregation, DEFAULT_CENTERED_CLIP_ITERATIONS};
 use colony_averaging::codec::{Codec, CodecPolicy};
 use colony_averaging::tensor::TensorInfo;
 use colony_offload::optim::{DEFAULT_ADAM_EPS, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_LAMB_CLAMP, DEFAULT_LAMB_EPS};
@@ -347,6 +348,11 @@ pub struct OptimizerSettings {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_compression: Option<CodecName>,
+    /// How a reducer combines the peers' gradients, a TOML inline table: `{ kind = "mean" }` or `{ kind =
+    /// "centered_clip", tau = 0.01, iterations = 5 }` (tau required, iterations default 5). Default mean.
+    #[arg(long, value_parser = parse_gradient_aggregation, value_name = "TABLE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_aggregation: Option<GradientAggregation>,
     /// Codec of the state round. Default none (exact).
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -530,6 +536,61 @@ impl Schedule {
             LrSchedule::Custom(_) => return None,
         })
     }
+}
+
+/// A gradient aggregation as data ([`Aggregation`]), tagged by `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GradientAggregation {
+    /// The weighted mean.
+    Mean,
+    /// CenteredClip: iterative clipping around the running centre.
+    CenteredClip {
+        /// Clipping radius, as a root-mean-square deviation per gradient value.
+        tau: f32,
+        /// Clipping iterations. Default [`DEFAULT_CENTERED_CLIP_ITERATIONS`].
+        #[serde(default = "default_centered_clip_iterations")]
+        iterations: u32,
+    },
+}
+
+fn default_centered_clip_iterations() -> u32 {
+    DEFAULT_CENTERED_CLIP_ITERATIONS
+}
+
+impl GradientAggregation {
+    /// The library's aggregation.
+    pub fn aggregation(self) -> Aggregation {
+        match self {
+            Self::Mean => Aggregation::Mean,
+            Self::CenteredClip { tau, iterations } => Aggregation::CenteredClip { tau, iterations },
+        }
+    }
+
+    /// The data of `aggregation`.
+    pub fn of(aggregation: Aggregation) -> Self {
+        match aggregation {
+            Aggregation::Mean => Self::Mean,
+            Aggregation::CenteredClip { tau, iterations } => Self::CenteredClip { tau, iterations },
+        }
+    }
+}
+
+/// Parses `--gradient-aggregation`'s value: a TOML inline table, as the file writes it.
+fn parse_gradient_aggregation(text: &str) -> Result<GradientAggregation, String> {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        gradient_aggregation: GradientAggregation,
+    }
+    toml::from_str::<Wrapper>(&format!("gradient_aggregation = {text}"))
+        .map(|w| w.gradient_aggregation)
+        .map_err(|e| {
+            format!(
+                "{}; expected a table such as '{{ kind = \"centered_clip\", tau = 0.01, iterations = 5 }}' or \
+                 '{{ kind = \"mean\" }}'",
+                e.message()
+            )
+        })
 }
 
 /// Parses `--scheduler`'s value: a TOML inline table, as the file writes it.
@@ -1033,6 +1094,9 @@ impl OptimizerSettings {
         if let Some(v) = self.grad_compression {
             options.grad_compression = CodecPolicy::Fixed(v.codec());
         }
+        if let Some(v) = self.gradient_aggregation {
+            options.gradient_aggregation = v.aggregation();
+        }
         if let Some(v) = self.state_averaging_compression {
             options.state_averaging_compression = CodecPolicy::Fixed(v.codec());
         }
@@ -1132,6 +1196,7 @@ impl OptimizerSettings {
             use_local_updates: Some(options.use_local_updates),
             client_mode: options.client_mode,
             grad_compression: Some(fixed("grad_compression", &options.grad_compression)?),
+            gradient_aggregation: Some(GradientAggregation::of(options.gradient_aggregation)),
             state_averaging_compression: Some(fixed(
                 "state_averaging_compression",
                 &options.state_averaging_compression,

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use colony::config::{
-    CodecName, Config, ConfigError, NodeSettings, OptimizerRule, OptimizerSettings, Schedule, TransportKind,
+    CodecName, Config, ConfigError, GradientAggregation, NodeSettings, OptimizerRule, OptimizerSettings, Schedule,
+    TransportKind,
 };
 use colony::optimizer::CollaborativeOptions;
+use colony_averaging::aggregation::Aggregation;
 use colony_averaging::tensor::TensorInfo;
 use colony_offload::OptimizerConfig;
 use colony_transports::Keypair;
@@ -111,6 +113,10 @@ fn a_full_configuration_round_trips_through_toml() {
         use_local_updates: Some(false),
         client_mode: Some(true),
         grad_compression: Some(CodecName::ScaledFloat16),
+        gradient_aggregation: Some(GradientAggregation::CenteredClip {
+            tau: 0.05,
+            iterations: 3,
+        }),
         state_averaging_compression: Some(CodecName::Blockwise8bit),
         load_state_compression: Some(CodecName::None),
         average_opt_statistics: Some(vec!["momentum_buffer".into()]),
@@ -148,6 +154,13 @@ fn a_full_configuration_round_trips_through_toml() {
     assert_eq!(options.matchmaking_time, Duration::from_secs(5));
     assert_eq!(options.next_chunk_timeout, Some(Duration::from_millis(4500)));
     assert_eq!(options.part_size_bytes, 1 << 20);
+    assert_eq!(
+        options.gradient_aggregation,
+        Aggregation::CenteredClip {
+            tau: 0.05,
+            iterations: 3
+        }
+    );
     assert!(matches!(
         options.optimizer.kind,
         colony_offload::OptimizerKind::Sgd { nesterov: true, .. }
@@ -193,7 +206,10 @@ fn an_unknown_key_is_refused_with_the_nearest_one() {
     assert!(message.contains("did you mean `optimizer`?"), "{message}");
     // Nothing close: the valid keys are listed.
     let message = error("[node]\nzzzzzzzzzz = 1\n");
-    assert!(message.contains("the keys here are listen, advertise, initial_peers"), "{message}");
+    assert!(
+        message.contains("the keys here are listen, advertise, initial_peers"),
+        "{message}"
+    );
     match parse("[optimizer]\nbatch_size = 8\n") {
         Err(ConfigError::UnknownKey { suggestion, .. }) => {
             assert_eq!(suggestion.as_deref(), Some("batch_size_per_step"));
@@ -239,6 +255,16 @@ fn a_value_of_the_wrong_type_names_the_key_and_the_type() {
         message.contains("`scheduler`") && message.contains("gama") && message.contains("gamma"),
         "{message}"
     );
+    let message = error("[optimizer]\ngradient_aggregation = { kind = \"centered_clip\", iterations = 3 }\n");
+    assert!(
+        message.contains("`gradient_aggregation`") && message.contains("tau"),
+        "{message}"
+    );
+    let message = error("[optimizer]\ngradient_aggregation = { kind = \"median\" }\n");
+    assert!(
+        message.contains("`gradient_aggregation`") && message.contains("centered_clip"),
+        "{message}"
+    );
     // Not TOML at all: the parser's line and column.
     let message = error("[optimizer]\nlr = \n");
     assert!(
@@ -251,6 +277,16 @@ fn a_value_of_the_wrong_type_names_the_key_and_the_type() {
     let message = config.options(&tensors()).unwrap_err().to_string();
     assert!(
         message.contains("matchmaking_time") && message.contains("-1"),
+        "{message}"
+    );
+    let config = parse(
+        "[optimizer]\ntarget_batch_size = 4\noptimizer = \"adam\"\nlr = 0.1\n\
+         gradient_aggregation = { kind = \"centered_clip\", tau = -0.5 }\n",
+    )
+    .unwrap();
+    let message = config.options(&tensors()).unwrap_err().to_string();
+    assert!(
+        message.contains("gradient_aggregation") && message.contains("tau is -0.5"),
         "{message}"
     );
 }
@@ -351,6 +387,8 @@ fn a_flag_overrides_the_file_and_an_absent_flag_keeps_it() {
         "16",
         "--scheduler",
         "{ kind = \"step\", step_size = 10, gamma = 0.5 }",
+        "--gradient-aggregation",
+        "{ kind = \"centered_clip\", tau = 0.02 }",
     ])
     .merged();
     let options = merged.options(&tensors()).unwrap();
@@ -361,6 +399,14 @@ fn a_flag_overrides_the_file_and_an_absent_flag_keeps_it() {
     assert_eq!(format!("{:?}", options.grad_compression), "Fixed(None)");
     assert_eq!(options.batch_size_per_step, Some(16));
     assert_eq!(options.scheduler.factor(25), 0.25);
+    assert_eq!(
+        options.gradient_aggregation,
+        Aggregation::CenteredClip {
+            tau: 0.02,
+            iterations: 5
+        },
+        "iterations default to 5"
+    );
     let membership = merged.node.membership().unwrap();
     assert_eq!(membership.run_id, "flag-run");
     assert_eq!(

@@ -419,11 +419,15 @@ impl CollaborativeOptimizer {
             None
         } else {
             let codecs = GradientAverager::codecs(&options.grad_compression);
+            let mut config = averager_config(&options, "grads", codecs);
+            // Only gradient rounds clip; state rounds keep the mean (robust aggregation bounds bad gradients,
+            // not bad parameters: see docs/architecture.md, "Robust aggregation").
+            config.allreduce.aggregation = options.gradient_aggregation;
             Some(GradientAverager::start(
                 membership,
                 &services.averager,
                 layouts.grads.clone(),
-                averager_config(&options, "grads", codecs),
+                config,
             )?)
         };
         let state_averager = Averager::start(

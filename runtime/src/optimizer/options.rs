@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use colony_averaging::aggregation::Aggregation;
 use colony_averaging::codec::{Codec, CodecPolicy};
 use colony_averaging::tensor::TensorInfo;
 use colony_offload::{LrSchedule, OptimizerConfig};
@@ -68,6 +69,10 @@ pub struct CollaborativeOptions {
     pub auxiliary: bool,
     /// Codecs of the gradient round. Default none (exact).
     pub grad_compression: CodecPolicy,
+    /// How this peer, when it reduces parts of a gradient round, combines the group's copies: the mean, or
+    /// CenteredClip, which bounds how far one peer's gradient can pull the average (a Colony addition;
+    /// Hivemind always takes the mean). State rounds always take the mean. Default `Aggregation::Mean`.
+    pub gradient_aggregation: Aggregation,
     /// Codecs of the state round. Default none.
     pub state_averaging_compression: CodecPolicy,
     /// Codec of state downloads. Only `Codec::None` is supported: state transfer sends exact `f32` (see
@@ -124,6 +129,7 @@ impl CollaborativeOptions {
             client_mode: None,
             auxiliary: false,
             grad_compression: CodecPolicy::Fixed(Codec::None),
+            gradient_aggregation: Aggregation::Mean,
             state_averaging_compression: CodecPolicy::Fixed(Codec::None),
             load_state_compression: Codec::None,
             average_opt_statistics: Vec::new(),
@@ -201,6 +207,9 @@ impl CollaborativeOptions {
         }
         if self.average_state_every == 0 {
             return bad("average_state_every must be at least 1".into());
+        }
+        if let Err(error) = self.gradient_aggregation.validate() {
+            return bad(format!("gradient_aggregation: {error}"));
         }
         if self.load_state_compression != Codec::None {
             return bad(format!(
@@ -367,5 +376,27 @@ mod tests {
             ..options()
         });
         assert!(message.contains("target_batch_size"), "{message}");
+        let message = refused(CollaborativeOptions {
+            gradient_aggregation: Aggregation::CenteredClip {
+                tau: 0.0,
+                iterations: 5,
+            },
+            ..options()
+        });
+        assert!(
+            message.contains("gradient_aggregation") && message.contains("tau"),
+            "{message}"
+        );
+        let message = refused(CollaborativeOptions {
+            gradient_aggregation: Aggregation::CenteredClip {
+                tau: 0.1,
+                iterations: 0,
+            },
+            ..options()
+        });
+        assert!(
+            message.contains("gradient_aggregation") && message.contains("iteration"),
+            "{message}"
+        );
     }
 }
