@@ -56,7 +56,8 @@ pub struct MuxConfig {
     pub stream_receive_window: u64,
     /// Credit granted to the remote for the whole connection.
     pub connection_receive_window: u64,
-    /// Streams the remote may have open at once; more are refused.
+    /// Streams the remote may have open at once; more are refused (RESET and STOP with [`REFUSED_CODE`])
+    /// and counted in `colony_streams_refused_total{reason="connection_limit"}`.
     pub max_incoming_streams: usize,
     /// Largest datagram carried.
     pub max_datagram_size: usize,
@@ -634,6 +635,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if shared.incoming_open.load(Ordering::Acquire) >= shared.config.max_incoming_streams {
                     shared.send_frame(id, RESET, REFUSED_CODE, Bytes::new());
                     shared.send_frame(id, STOP, REFUSED_CODE, Bytes::new());
+                    metrics::counter!("colony_streams_refused_total", "reason" => "connection_limit").increment(1);
                     continue;
                 }
                 shared.incoming_open.fetch_add(1, Ordering::AcqRel);

@@ -95,7 +95,7 @@ pub struct QuicConfig {
     /// there is room. Default 1024.
     pub accept_backlog: usize,
     /// Incoming handshakes in progress at once per listener; further connection attempts are refused (and
-    /// counted). Default 1024.
+    /// counted, in `colony_connections_refused_total{reason="handshake_limit"}`). Default 1024.
     pub max_concurrent_handshakes: usize,
     /// Requested size in bytes of each UDP socket's send and receive buffers, so that bursts at full
     /// window are not dropped by the kernel before QUIC reads them. The operating system may cap it (on
@@ -464,6 +464,7 @@ async fn accept_loop(endpoint: Endpoint, context: Arc<AcceptContext>, ready: mps
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 if handshakes.len() >= context.max_concurrent_handshakes {
+                    metrics::counter!("colony_connections_refused_total", "reason" => "handshake_limit").increment(1);
                     context.refuse(incoming.remote_address(), "too many handshakes in progress");
                     incoming.refuse();
                     continue;

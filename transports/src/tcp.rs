@@ -48,9 +48,11 @@ pub struct TcpConfig {
     pub max_datagram_size: usize,
     /// Datagrams queued for the application before new ones are dropped.
     pub datagram_queue: usize,
-    /// Authenticated connections waiting for `accept` before new ones are dropped.
+    /// Authenticated connections waiting for `accept` before new ones are dropped (counted in
+    /// `colony_connections_refused_total{reason="accept_backlog"}`).
     pub accept_backlog: usize,
-    /// Handshakes in progress at once; more incoming sockets are dropped.
+    /// Handshakes in progress at once; more incoming sockets are dropped (counted in
+    /// `colony_connections_refused_total{reason="handshake_limit"}`).
     pub max_pending_handshakes: usize,
 }
 
@@ -340,6 +342,7 @@ async fn accept_loop(
                 Ok((socket, remote)) => {
                     if handshakes.len() >= config.max_pending_handshakes {
                         refused.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("colony_connections_refused_total", "reason" => "handshake_limit").increment(1);
                         tracing::warn!(%remote, "dropping an incoming connection: too many handshakes in progress");
                         continue;
                     }
@@ -365,6 +368,8 @@ async fn accept_loop(
                     Ok(Ok(conn)) => match backlog.try_send(conn) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(conn)) => {
+                            metrics::counter!("colony_connections_refused_total", "reason" => "accept_backlog")
+                                .increment(1);
                             tracing::warn!(%remote, "dropping an authenticated connection: accept backlog is full");
                             conn.close("accept backlog full");
                         }

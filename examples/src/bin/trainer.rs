@@ -130,6 +130,21 @@ fn main() -> anyhow::Result<()> {
                 None => println!("epoch {epoch}: training loss {loss:.4}"),
             },
             Event::Loaded(epoch) => println!("loaded the swarm's state at epoch {epoch}"),
+            Event::StateRound {
+                epoch,
+                peers,
+                group,
+                digest,
+            } => {
+                let group = group.map_or(String::new(), |g| format!(" in group {g}"));
+                match (peers, digest) {
+                    (Some(peers), Some(digest)) => println!(
+                        "state round of epoch {epoch}: averaged by {peers} peers{group}, parameters {digest:016x}"
+                    ),
+                    (Some(peers), None) => println!("state round of epoch {epoch}: averaged by {peers} peers{group}"),
+                    (None, _) => println!("state round of epoch {epoch}: failed{group}"),
+                }
+            }
             Event::Step { .. } => {}
         },
     );

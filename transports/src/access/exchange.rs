@@ -93,6 +93,7 @@ fn stream_config(timeout: Duration) -> StreamConfig {
         },
         open_timeout: timeout,
         message_timeout: timeout,
+        ..StreamConfig::default()
     }
 }
 
