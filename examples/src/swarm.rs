@@ -167,6 +167,28 @@ pub enum Event {
     },
     /// The peer loaded the state of this epoch from the others.
     Loaded(u64),
+    /// A state round ended.
+    StateRound {
+        /// The epoch whose state was averaged.
+        epoch: u64,
+        /// The group's size when averaged; `None` when the round failed (the peer kept its own state).
+        peers: Option<usize>,
+        /// The first bytes of the group's id, as hex, when a group formed (the same for all its members).
+        group: Option<String>,
+        /// A digest of the parameters right after the round ([`parameter_digest`]), when the round ran in the
+        /// step call (`delay_state_averaging = false`): the members of one group then hold the same values.
+        digest: Option<u64>,
+    },
+}
+
+/// A 64-bit digest of parameter values (FNV-1a over their bit patterns): equal values give equal digests,
+/// so peers can compare their parameters by printing it. Not a cryptographic hash.
+pub fn parameter_digest(values: &[f32]) -> u64 {
+    values.iter().fold(0xcbf2_9ce4_8422_2325, |hash: u64, value| {
+        value.to_bits().to_le_bytes().iter().fold(hash, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    })
 }
 
 /// What a peer did, at the end.
@@ -209,6 +231,7 @@ pub fn train(
     let mut params = model.params();
     let mut grads = vec![0.0f32; params.len()];
     let reuse_grad_buffers = peer.optimizer.options().reuse_grad_buffers;
+    let state_rounds_in_call = !peer.optimizer.options().delay_state_averaging;
     let batch_size = peer
         .optimizer
         .options()
@@ -257,6 +280,20 @@ pub fn train(
                 (RoundKind::Gradients, RoundResult::Averaged { .. }) => summary.gradient_rounds += 1,
                 (RoundKind::State, RoundResult::Averaged { .. }) => summary.state_rounds += 1,
                 (_, RoundResult::Failed { .. }) => summary.failures += 1,
+            }
+            if round.kind == RoundKind::State {
+                let peers = match round.result {
+                    RoundResult::Averaged { peers } => Some(peers),
+                    RoundResult::Failed { .. } => None,
+                };
+                on_event(Event::StateRound {
+                    epoch: round.epoch,
+                    peers,
+                    group: round
+                        .group_id
+                        .map(|id| id[..6].iter().map(|b| format!("{b:02x}")).collect()),
+                    digest: (state_rounds_in_call && peers.is_some()).then(|| parameter_digest(&params)),
+                });
             }
         }
         if let Some(epoch) = outcome.loaded_state {

@@ -37,12 +37,15 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(&variable) {
         return PathBuf::from(path);
     }
-    // The test binary is target/<profile>/deps/<test>-<hash>.
+    // A test binary is target/<profile>/deps/<test>-<hash>; a binary of this package (the soak, the bench)
+    // is target/<profile>/<name>.
     let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lies in target/<profile>/deps");
+    let dir = exe.parent().expect("the binary lies in a directory");
+    let profile_dir = if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("target/<profile>/deps lies in target/<profile>")
+    } else {
+        dir
+    };
     let binary = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !binary.is_file() {
         eprintln!("{} is missing: building it", binary.display());
@@ -74,10 +77,10 @@ pub fn free_port() -> u16 {
 pub struct Processes {
     children: Vec<(String, Child)>,
     kept: Arc<Mutex<Vec<String>>>,
-    sender: mpsc::Sender<(String, String)>,
-    lines: mpsc::Receiver<(String, String)>,
-    /// Every line received so far, by process name.
-    seen: Vec<(String, String)>,
+    sender: mpsc::Sender<(String, String, Instant)>,
+    lines: mpsc::Receiver<(String, String, Instant)>,
+    /// Every line received so far, by process name, with the time it was read.
+    seen: Vec<(String, String, Instant)>,
 }
 
 impl Default for Processes {
@@ -117,7 +120,7 @@ impl Processes {
         let (name, kept, sender) = (name.to_owned(), self.kept.clone(), self.sender.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = sender.send((name.clone(), line.clone()));
+                let _ = sender.send((name.clone(), line.clone(), Instant::now()));
                 let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
                 // The last lines are what tells why; keep the output bounded.
                 if kept.len() > 400 {
@@ -146,9 +149,47 @@ impl Processes {
         self.drain();
         self.seen
             .iter()
-            .filter(|(who, line)| who == name && line.starts_with(prefix))
-            .map(|(_, line)| line[prefix.len()..].trim().to_owned())
+            .filter(|(who, line, _)| who == name && line.starts_with(prefix))
+            .map(|(_, line, _)| line[prefix.len()..].trim().to_owned())
             .collect()
+    }
+
+    /// Every process's lines received so far that start with `prefix` (without it), in the order they were
+    /// read: the process's name, the time the line was read, the line.
+    pub fn timed_lines(&mut self, prefix: &str) -> Vec<(String, Instant, String)> {
+        self.drain();
+        self.seen
+            .iter()
+            .filter(|(_, line, _)| line.starts_with(prefix))
+            .map(|(who, line, at)| (who.clone(), *at, line[prefix.len()..].trim().to_owned()))
+            .collect()
+    }
+
+    /// Every process's lines received so far that contain `text`, as `[name] line`.
+    pub fn lines_containing(&mut self, text: &str) -> Vec<String> {
+        self.drain();
+        self.seen
+            .iter()
+            .filter(|(_, line, _)| line.contains(text))
+            .map(|(who, line, _)| format!("[{who}] {line}"))
+            .collect()
+    }
+
+    /// Writes every line received so far to `path`, each as `seconds-since-start [name] line`.
+    pub fn dump(&mut self, path: &Path, start: Instant) -> std::io::Result<()> {
+        use std::io::Write as _;
+        self.drain();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (name, line, at) in &self.seen {
+            let seconds = at.saturating_duration_since(start).as_secs_f64();
+            writeln!(out, "{seconds:9.3} [{name}] {line}")?;
+        }
+        out.flush()
+    }
+
+    /// The process id of the running child `name`.
+    pub fn pid(&mut self, name: &str) -> u32 {
+        self.child(name).id()
     }
 
     /// Waits up to `timeout` until `condition` holds for `name`'s lines starting with `prefix` (each without
@@ -199,6 +240,19 @@ impl Processes {
     /// Forgets a reaped child, so that its name can be used again.
     fn forget(&mut self, name: &str) {
         self.children.retain(|(n, _)| n != name);
+    }
+
+    /// Forgets `name`, which [`Processes::exited`] reported: its lines stay, its name may be used again.
+    pub fn forget_exited(&mut self, name: &str) {
+        self.forget(name);
+    }
+
+    /// Takes in the lines printed within `timeout` (at least one wait for the next line).
+    pub fn pump(&mut self, timeout: Duration) {
+        if let Ok(line) = self.lines.recv_timeout(timeout) {
+            self.seen.push(line);
+        }
+        self.drain();
     }
 
     /// A child that exited on its own, if any: its name and status.

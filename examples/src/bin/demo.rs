@@ -169,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Event::Loaded(epoch) => bar.println(format!("peer {} loaded the state of epoch {epoch}", index + 1)),
+            Event::StateRound { .. } => {}
         }
     }
     let mut summaries: Vec<Summary> = Vec::new();

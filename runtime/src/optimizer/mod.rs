@@ -126,6 +126,9 @@ pub struct RoundReport {
     pub result: RoundResult,
     /// How long it took (matchmaking included).
     pub duration: Duration,
+    /// The id of the group that formed (chosen by its leader, the same for every member), when one did: the
+    /// members of one state round hold the same values after it, whatever other groups did.
+    pub group_id: Option<[u8; 32]>,
 }
 
 /// What one [`CollaborativeOptimizer::step`] did.
@@ -636,6 +639,7 @@ impl CollaborativeOptimizer {
                 Some(scheduled) => await_group(&self.inner, scheduled).await,
                 None => find_group(&self.inner, epoch, self.expected_in_gradient_round(true)).await,
             };
+            let group_id = group.as_ref().ok().map(|g| g.group_id);
             let result = match group {
                 Ok(group) => match &self.inner.grads {
                     Some(grads) => match grads.reduce_for_others(&group).await {
@@ -658,6 +662,7 @@ impl CollaborativeOptimizer {
                 epoch,
                 result,
                 duration: started.elapsed(),
+                group_id,
             });
         }
         outcome.epoch = self.local_epoch;
@@ -1231,6 +1236,7 @@ async fn gradient_stage(
     };
     drop(search);
     let local = gradient_job.gradients.local();
+    let group_id = group.as_ref().ok().map(|g| g.group_id);
     let averaged = match group {
         Err(reason) => Err(reason),
         Ok(group) => {
@@ -1253,6 +1259,7 @@ async fn gradient_stage(
             epoch: job.epoch,
             result,
             duration: started.elapsed(),
+            group_id,
         },
     );
     (job, grads)
@@ -1315,8 +1322,10 @@ async fn state_stage(inner: &Arc<Inner>, job: EpochJob) {
         // rarely formed (1 of 50 epochs, measured), which is still to be understood.
         round: inner.options.delay_grad_averaging.then_some(job.next_epoch),
     };
+    let group_id = std::sync::OnceLock::new();
     let round = async {
         let group = inner.state_averager.find_group(1.0, options).await?;
+        let _ = group_id.set(group.group_id);
         let outcome = inner.state_averager.average_in(&group, Some(tensors)).await?;
         Ok::<_, AveragerError>((group.len(), outcome))
     };
@@ -1357,6 +1366,7 @@ async fn state_stage(inner: &Arc<Inner>, job: EpochJob) {
             epoch: job.epoch,
             result,
             duration: started.elapsed(),
+            group_id: group_id.get().copied(),
         },
     );
 }
