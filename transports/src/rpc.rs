@@ -225,8 +225,18 @@ pub async fn call<Req: WireMessage, Resp: WireMessage>(
 ) -> Result<(Resp, Bytes), WireError> {
     let exchange = async {
         let (mut send, mut recv) = open::<Resp>(conn, protocol, config).await?;
-        send.send(request, payload).await?;
-        send.finish().await?;
+        let sent = async {
+            send.send(request, payload).await?;
+            send.finish().await
+        };
+        if let Err(error) = sent.await {
+            // The acceptor may have refused the stream before reading the request (a limit, an unknown
+            // protocol): its error frame says why, which is worth more than the failed write.
+            return match recv.recv().await {
+                Err(remote @ WireError::Remote(_)) => Err(remote),
+                _ => Err(error),
+            };
+        }
         recv.recv_required("the response").await
     };
     tokio::time::timeout(timeout, exchange).await.map_err(|_| {
@@ -411,15 +421,16 @@ impl Router {
     async fn refuse(&self, peer: PeerId, mut send: FramedSend, mut recv: RecvStream, refusal: StreamRefusal) {
         self.stats.count_refusal(&refusal);
         tracing::debug!(peer = %peer.short(), reason = refusal.reason(), "refused an incoming stream");
-        recv.stop(1);
         // A fresh stream has flow-control credit for the error frame; the timeout only guards a peer that
-        // grants none.
+        // grants none. The answer goes out before the stream is stopped, so the opener reads why its writes
+        // failed.
         let answer = async {
             if send.send_error(&refusal.message(&peer)).await.is_ok() {
                 let _ = send.finish().await;
             }
         };
         let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answer).await;
+        recv.stop(1);
     }
 
     async fn handle_stream(
