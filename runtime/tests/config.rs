@@ -389,6 +389,8 @@ fn a_flag_overrides_the_file_and_an_absent_flag_keeps_it() {
         "{ kind = \"step\", step_size = 10, gamma = 0.5 }",
         "--gradient-aggregation",
         "{ kind = \"centered_clip\", tau = 0.02 }",
+        "--min-group-size",
+        "3",
     ])
     .merged();
     let options = merged.options(&tensors()).unwrap();

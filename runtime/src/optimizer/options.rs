@@ -211,6 +211,14 @@ impl CollaborativeOptions {
         if let Err(error) = self.gradient_aggregation.validate() {
             return bad(format!("gradient_aggregation: {error}"));
         }
+        if matches!(self.gradient_aggregation, Aggregation::CenteredClip { .. }) && self.min_group_size < 3 {
+            return bad(format!(
+                "gradient_aggregation = CenteredClip needs min_group_size >= 3 (it is {}): in a group of two either \
+                 peer holds half the weight and no aggregate can tell which one is bad; set min_group_size = 3 or \
+                 more",
+                self.min_group_size
+            ));
+        }
         if self.load_state_compression != Codec::None {
             return bad(format!(
                 "load_state_compression {:?} is not supported: state downloads are exact f32; use Codec::None",
@@ -398,5 +406,21 @@ mod tests {
             message.contains("gradient_aggregation") && message.contains("iteration"),
             "{message}"
         );
+        let clip = Aggregation::CenteredClip {
+            tau: 0.1,
+            iterations: 5,
+        };
+        let message = refused(CollaborativeOptions {
+            gradient_aggregation: clip,
+            ..options()
+        });
+        assert!(message.contains("set min_group_size = 3"), "{message}");
+        CollaborativeOptions {
+            gradient_aggregation: clip,
+            min_group_size: 3,
+            ..options()
+        }
+        .validate()
+        .unwrap();
     }
 }
