@@ -317,13 +317,19 @@ impl Rng {
     }
 }
 
+/// A relayed connection: its dialer (when known), its listener, and the task copying its bytes.
+type Relayed = (Option<usize>, usize, AbortHandle);
+
+/// A group member's report of a state round: its process, the group size, the parameters' digest, when.
+type MemberReport<'a> = (&'a str, Option<usize>, Option<&'a str>, f64);
+
 /// The relays' shared view: the partition and the connections open through them.
 #[derive(Default)]
 struct Links {
     /// The isolated side; empty when there is no partition.
     isolated: Mutex<HashSet<usize>>,
     /// Open relayed connections: (dialer, listener, the task copying its bytes).
-    open: Mutex<HashMap<u64, (Option<usize>, usize, AbortHandle)>>,
+    open: Mutex<HashMap<u64, Relayed>>,
     next: AtomicU64,
     cuts: AtomicU64,
 }
@@ -712,7 +718,7 @@ pub fn run(config: &SoakConfig, mut log: impl FnMut(&str)) -> anyhow::Result<Soa
         .collect();
     report.state_rounds_failed = state.iter().filter(|(_, s)| s.peers.is_none()).count();
     // Each group's members, as they reported it: (peer, group size, digest).
-    let mut groups: BTreeMap<(u64, String), Vec<(&str, Option<usize>, Option<&str>, f64)>> = BTreeMap::new();
+    let mut groups: BTreeMap<(u64, String), Vec<MemberReport>> = BTreeMap::new();
     for (name, s) in &state {
         if let Some(group) = &s.group {
             groups
