@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use colony_transports::error::{CloseReason, StreamError, TransportError};
-use colony_transports::rpc::{Router, StreamConfig, call};
+use colony_transports::rpc::{InboundLimits, Router, StreamConfig, call};
 use colony_transports::wire::{FrameKind, FrameLimits, ProtocolId, WireError, encode_preamble, read_frame};
 use colony_transports::{Address, Connection, Keypair, Listener, Transport};
 
@@ -81,11 +81,18 @@ pub fn checksum_protocol() -> ProtocolId {
 }
 
 /// A router serving `echo` (returns the request and payload) and `checksum` (returns the payload's length
-/// and FNV-1a hash).
+/// and FNV-1a hash). Its per-peer limits are far above what the suite opens: these tests are about the
+/// transports (the router's limits have tests of their own).
 pub fn test_router() -> Arc<Router> {
     let mut router = Router::with_config(StreamConfig {
         open_timeout: Duration::from_secs(5),
         message_timeout: Duration::from_secs(20),
+        inbound: InboundLimits {
+            max_streams_per_peer: 1 << 20,
+            streams_per_sec: 1e9,
+            stream_burst: 1 << 30,
+            ..InboundLimits::default()
+        },
         ..Default::default()
     });
     router.rpc(echo_protocol(), |_peer, request: String, payload: Bytes| async move {
