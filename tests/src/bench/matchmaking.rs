@@ -28,7 +28,7 @@ use colony::records::replica::PublishLimits;
 use colony_averaging::matchmaking::MatchmakingConfig;
 use colony_averaging::tensor::SchemaHash;
 use colony_transports::mem::MemHub;
-use colony_transports::rpc::{self, StreamConfig};
+use colony_transports::rpc::{self, InboundLimits, StreamConfig};
 use colony_transports::tcp::{TcpConfig, TcpTransport};
 use colony_transports::wire::ProtocolId;
 use colony_transports::{Address, Keypair, Transport};
@@ -122,6 +122,12 @@ impl Swarm {
                 rate_per_sec: 10_000.0,
                 burst: 10_000,
                 ..PublishLimits::default()
+            };
+            // Likewise the streams each follower opens to its leader, round after round.
+            config.stream.inbound = InboundLimits {
+                streams_per_sec: 1e6,
+                stream_burst: 1_000_000,
+                ..InboundLimits::default()
             };
             let mut schemas = Schemas::default();
             matchmaker::register_schema(&mut schemas);
