@@ -37,7 +37,8 @@ use colony_averaging::codec::{Codec, CodecPolicy};
 use colony_averaging::tensor::TensorInfo;
 use colony_offload::optim::{DEFAULT_ADAM_EPS, DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_LAMB_CLAMP, DEFAULT_LAMB_EPS};
 use colony_offload::{LrSchedule, OptimizerConfig, OptimizerKind, ParamGroup};
-use colony_transports::Address;
+use colony_transports::access::{AccessPolicy, Certificate};
+use colony_transports::{Address, PeerId};
 use serde::de::{DeserializeOwned, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -178,6 +179,21 @@ pub struct NodeSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<PathBuf>,
+    /// Admit only these peers (peer ids; the flag repeats): the run's allowlist. Every peer of the run
+    /// should list the same peers. Default: anyone (an open run), unless `authority` is set.
+    #[arg(long = "allow-peer", value_name = "PEER_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_peers: Option<Vec<String>>,
+    /// Admit only peers with a membership certificate for this run signed by this authority (the id that
+    /// `colony authority keygen` printed). Needs `certificate`. Default: none.
+    #[arg(long, value_name = "AUTHORITY_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// This peer's membership certificate (a file from `colony authority issue`), presented to every peer it
+    /// connects to. Default: none.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
     /// The transport when `listen` gives no scheme. Default tcp.
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -933,7 +949,66 @@ impl NodeSettings {
         if let Some(bandwidth) = self.bandwidth_mbps {
             config.bandwidth_mbps = bandwidth;
         }
+        self.access(&mut config)?;
         Ok(config)
+    }
+
+    /// Sets `config`'s access policy and certificate from `allow_peers`, `authority` and `certificate`.
+    fn access(&self, config: &mut MembershipConfig) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::InvalidValue {
+            key: key.into(),
+            section: "[node]".into(),
+            origin: "the merged configuration".into(),
+            message,
+        };
+        if let Some(path) = &self.certificate {
+            config.certificate = Some(Certificate::load(path).map_err(|e| invalid("certificate", e.to_string()))?);
+        }
+        match (&self.allow_peers, &self.authority) {
+            (Some(_), Some(_)) => Err(ConfigError::Conflict {
+                section: "node".into(),
+                message: "allow_peers and authority cannot both be set: a run admits peers by allowlist or by \
+                          certificate"
+                    .into(),
+            }),
+            (Some(peers), None) => {
+                let mut allowed = std::collections::BTreeSet::new();
+                for peer in peers {
+                    let id = peer
+                        .parse::<PeerId>()
+                        .map_err(|e| invalid("allow_peers", e.to_string()))?;
+                    allowed.insert(id);
+                }
+                if allowed.is_empty() {
+                    return Err(invalid(
+                        "allow_peers",
+                        "an empty allowlist admits no peer; list peer ids, or leave the key out for an open run".into(),
+                    ));
+                }
+                config.access = AccessPolicy::Allowlist(allowed);
+                Ok(())
+            }
+            (None, Some(authority)) => {
+                let authority = authority
+                    .parse::<PeerId>()
+                    .map_err(|e| invalid("authority", format!("not an authority id: {e}")))?;
+                if config.certificate.is_none() {
+                    return Err(ConfigError::Conflict {
+                        section: "node".into(),
+                        message:
+                            "authority needs certificate: in a run that admits by certificate every peer presents \
+                                  its own (`colony authority issue` makes one)"
+                                .into(),
+                    });
+                }
+                config.access = AccessPolicy::Certificates {
+                    authority,
+                    run_id: config.run_id.clone(),
+                };
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! The `colony` command. Subcommands so far: `keygen` (create a peer identity file) and `node` (run a peer
-//! that others join through). `status` and `authority` arrive with operability and access control.
+//! The `colony` command: `keygen` (create a peer identity file), `node` (run a peer that others join
+//! through), `status` (observe a run) and `authority` (the keys and membership certificates of a run that
+//! admits peers by certificate).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use colony::config::{Config, NodeSettings};
 use colony::membership::{Membership, MembershipEvent};
-use colony_transports::Keypair;
+use colony_transports::access::{Certificate, format_unix_time, system_clock};
+use colony_transports::{Keypair, PeerId};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,7 +46,51 @@ enum Command {
     /// against the target, samples/s, ETA, members by role and one row per peer; --watch refreshes in
     /// place, --json prints one JSON object (per refresh). Leaves the swarm gracefully when done.
     Status(colony::status::StatusArgs),
+    /// Access control by certificate: create a run's authority key, and issue membership certificates with
+    /// it. Peers of the run set `authority` to the authority's id and `certificate` to their own certificate.
+    Authority {
+        #[command(subcommand)]
+        command: AuthorityCommand,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum AuthorityCommand {
+    /// Create an authority key (an ed25519 key, PEM PKCS#8, mode 0600; keep it off the training machines)
+    /// and print its id, the value of the peers' `authority` setting.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file (certificates signed by the old key stop being accepted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a membership certificate: the authority's signature that a peer may take part in a run until
+    /// a time. Writes the certificate file and prints what it admits.
+    Issue {
+        /// The authority key file (from `colony authority keygen`).
+        #[arg(long, value_name = "AUTHORITY_KEY")]
+        key: PathBuf,
+        /// The peer admitted: its id, as `colony keygen` printed it.
+        #[arg(long, value_name = "PEER_ID")]
+        peer: String,
+        /// The run it is admitted to.
+        #[arg(long, value_name = "RUN_ID")]
+        run: String,
+        /// How long the certificate is valid from now: a number and a unit, s, m, h, d or w (`30d`, `12h`,
+        /// `90m`; several add up: `1d12h`). It is valid from five minutes before now, for clocks that lag.
+        #[arg(long, value_name = "DURATION")]
+        valid_for: String,
+        /// Where to write the certificate.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Certificates are valid from this long before they are issued, so that a peer whose clock lags the
+/// authority's accepts a fresh one.
+const BACKDATE_SECS: u64 = 300;
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
@@ -98,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(colony::status::run(args)).map_err(anyhow::Error::from)
         }
+        Command::Authority { command } => authority(command),
         Command::Keygen { out, force } => {
             if out.exists() && !force {
                 anyhow::bail!(
@@ -111,6 +158,85 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn authority(command: AuthorityCommand) -> anyhow::Result<()> {
+    match command {
+        AuthorityCommand::Keygen { out, force } => {
+            if out.exists() && !force {
+                anyhow::bail!(
+                    "{} already exists; it may be a run's authority key, and replacing it invalidates every \
+                     certificate it signed. Pass --force to replace it",
+                    out.display()
+                );
+            }
+            let keypair = Keypair::generate();
+            keypair.save(&out)?;
+            println!("{}", keypair.peer_id());
+            Ok(())
+        }
+        AuthorityCommand::Issue {
+            key,
+            peer,
+            run,
+            valid_for,
+            out,
+        } => {
+            let authority = Keypair::load(&key).context("reading the authority key")?;
+            let peer: PeerId = peer.parse().context("--peer")?;
+            let lifetime = parse_validity(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {valid_for:?}: {e}"))?;
+            let now = system_clock()();
+            let not_after = now
+                .checked_add(lifetime)
+                .ok_or_else(|| anyhow::anyhow!("--valid-for {valid_for:?} reaches beyond the year 584 billion"))?;
+            let certificate = Certificate::issue(&authority, peer, &run, now.saturating_sub(BACKDATE_SECS), not_after)?;
+            certificate.save(&out)?;
+            println!(
+                "certificate for peer {peer} in run '{run}', valid until {}, signed by authority {}: {}",
+                format_unix_time(not_after),
+                authority.peer_id(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Seconds in a duration written as numbers with units (`30d`, `12h`, `90m`, `45s`, `2w`, `1d12h`).
+fn parse_validity(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected numbers each followed by s, m, h, d or w (e.g. 30d, 12h, 90m, 1d12h)";
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3_600,
+            'd' => 86_400,
+            'w' => 604_800,
+            other => return Err(format!("unexpected {other:?}; {EXPECTED}")),
+        };
+        if digits.is_empty() {
+            return Err(format!("a unit without a number; {EXPECTED}"));
+        }
+        let count: u64 = digits.parse().map_err(|_| "the number is too large".to_string())?;
+        total = count
+            .checked_mul(unit)
+            .and_then(|secs| total.checked_add(secs))
+            .ok_or("the duration is too large")?;
+        digits.clear();
+    }
+    if !digits.is_empty() {
+        return Err(format!("a number without a unit; {EXPECTED}"));
+    }
+    if total == 0 {
+        return Err(format!("the duration is zero; {EXPECTED}"));
+    }
+    Ok(total)
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
@@ -238,4 +364,23 @@ async fn auxiliary_node(
     peer.optimizer.shutdown().await;
     peer.membership.leave().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_validity;
+
+    #[test]
+    fn validity_durations_add_up_their_units() {
+        assert_eq!(parse_validity("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_validity("12h"), Ok(12 * 3_600));
+        assert_eq!(parse_validity("90m"), Ok(90 * 60));
+        assert_eq!(parse_validity("1d12h"), Ok(86_400 + 12 * 3_600));
+        assert_eq!(parse_validity(" 2w "), Ok(2 * 604_800));
+        for bad in ["", "30", "d", "30x", "0d", "1.5d", "-1d", "99999999999999999999d"] {
+            let error = parse_validity(bad).unwrap_err();
+            assert!(!error.is_empty(), "{bad}");
+        }
+        assert!(parse_validity("30x").unwrap_err().contains("'x'"));
+    }
 }

@@ -11,6 +11,7 @@ use colony::membership::{Membership, MembershipConfig, MembershipError, Role, Sw
 use colony::records::sync::{SyncStep, steps};
 use colony::records::wire::{WireBatch, WireRecord};
 use colony::records::{Record, Schemas, Subkey, View};
+use colony_transports::access::AccessControl;
 use colony_transports::emulation::{LinkConfig, LinkEmulator};
 use colony_transports::mem::MemHub;
 use colony_transports::rpc::StreamConfig;
@@ -490,7 +491,8 @@ async fn forged_records_are_refused_by_every_peer_and_counted() {
 
     let metric = |reason: &str| recorded::counter(&format!("colony_records_refused_total{{reason={reason}}}"));
     let before = [metric("bad_signature"), metric("too_large"), metric("invalid_value")];
-    let transport = swarm.hub.transport(&mallory);
+    // Mallory passes the access exchange (the run is open) and speaks the records exchange by hand.
+    let transport = Arc::new(AccessControl::open(mallory.peer_id())).wrap(swarm.hub.transport(&mallory));
     for (_, peer) in &swarm.peers {
         push_records(&transport, &peer.address().unwrap(), &forged).await;
     }
@@ -526,7 +528,11 @@ async fn garbage_and_spoofed_membership_packets_are_dropped_and_counted() {
 
     // A stranger connects and sends garbage, truncated packets, and a packet claiming to be the honest peer.
     let stranger = Keypair::generate();
-    let conn = swarm.hub.transport(&stranger).dial(&bootstrap).await.unwrap();
+    let conn = Arc::new(AccessControl::open(stranger.peer_id()))
+        .wrap(swarm.hub.transport(&stranger))
+        .dial(&bootstrap)
+        .await
+        .unwrap();
     let mut garbage: Vec<Bytes> = vec![
         Bytes::new(),
         Bytes::from_static(&[0xff; 3]),

@@ -193,7 +193,8 @@ fn stream_meters(transport: Scheme, protocol: &ProtocolId) -> (metrics::Counter,
 }
 
 /// Opens a stream on `conn` speaking `protocol`. The open frame is sent at once; if the acceptor refuses the
-/// protocol, the first receive fails with its reason.
+/// protocol, the first receive fails with its reason (or, when the acceptor refused the stream before the
+/// open frame was written, this call does).
 pub async fn open<Resp: WireMessage>(
     conn: &Connection,
     protocol: &ProtocolId,
@@ -207,11 +208,16 @@ pub async fn open<Resp: WireMessage>(
         protocol: protocol.to_string(),
     }
     .encode()?;
-    write_frame(&mut send, FrameKind::Open, &header, Bytes::new()).await?;
-    Ok((
-        FramedSend::new(send),
-        FramedRecv::new(recv, config.limits, config.message_timeout),
-    ))
+    let mut recv = FramedRecv::new(recv, config.limits, config.message_timeout);
+    if let Err(error) = write_frame(&mut send, FrameKind::Open, &header, Bytes::new()).await {
+        // The acceptor may have refused the stream at once (too many streams of this peer in progress) and
+        // stopped it: its error frame says why, which is worth more than the failed write.
+        return Err(match recv.recv().await {
+            Err(remote @ WireError::Remote(_)) => remote,
+            _ => error,
+        });
+    }
+    Ok((FramedSend::new(send), recv))
 }
 
 /// Sends one request and waits for one response (both with payloads) within `timeout`.

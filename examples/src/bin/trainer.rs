@@ -33,6 +33,15 @@ struct Args {
     /// Identity file (created if missing), so a restarted peer keeps its id.
     #[arg(long)]
     identity: Option<PathBuf>,
+    /// Admit only these peers (peer ids; repeat the flag): the run's allowlist. Default: an open run.
+    #[arg(long = "allow-peer", value_name = "PEER_ID")]
+    allow_peers: Vec<String>,
+    /// Admit only peers with a membership certificate from this authority (its id); needs --certificate.
+    #[arg(long, value_name = "AUTHORITY_ID")]
+    authority: Option<String>,
+    /// This peer's membership certificate file (`colony authority issue`), presented to every peer.
+    #[arg(long, value_name = "FILE")]
+    certificate: Option<PathBuf>,
     /// Seed of this peer's batch order (give each peer its own).
     #[arg(long, default_value_t = 0)]
     shuffle_seed: u64,
@@ -69,6 +78,9 @@ fn main() -> anyhow::Result<()> {
             .then(|| args.initial_peers.iter().map(ToString::to_string).collect()),
         run_id: args.run_id.clone(),
         identity: args.identity.clone(),
+        allow_peers: (!args.allow_peers.is_empty()).then(|| args.allow_peers.clone()),
+        authority: args.authority.clone(),
+        certificate: args.certificate.clone(),
         bootstrap_timeout_s: args.bootstrap_timeout,
         metrics_address: args.metrics_address,
         ..NodeSettings::default()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use colony_transports::PeerId;
+use colony_transports::access::AccessPolicy;
 use colony_transports::identity::PEER_ID_LEN;
 use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, Timer};
 use rand::RngExt;
@@ -256,6 +257,18 @@ impl MembershipActor {
     /// Starts an anti-entropy exchange with a random member, unless one is running.
     fn anti_entropy(&mut self, ctx: &mut Context<Self>) {
         self.shared.pool.sweep();
+        let access = &self.shared.access;
+        if matches!(access.policy(), AccessPolicy::Certificates { .. }) {
+            // A peer admitted with a certificate that has expired since loses its connections; it is refused
+            // when it dials again.
+            self.shared.pool.close_where(|peer| {
+                access.expired(peer).map(|refusal| {
+                    access.count_refusal(&refusal);
+                    tracing::warn!(%refusal, "closing the connections of a peer whose certificate expired");
+                    format!("{}{refusal}", colony_transports::access::exchange::CLOSE_PREFIX)
+                })
+            });
+        }
         // Gossip carries records fast; these exchanges are the safety net. In swarms above
         // SYNC_SWARM_SIZE members each peer runs them proportionally less often, so the swarm as a whole
         // runs about SYNC_SWARM_SIZE per interval whatever its size.

@@ -11,10 +11,15 @@
 //!   A newcomer catches up in its first exchange, with its bootstrap peer, right after joining.
 //! - **Reads are local**: [`Membership::get`], [`Membership::members`] and [`Membership::subscribe`] never
 //!   touch the network.
+//! - **Access control** ([`access`]): the run's [`AccessPolicy`] (open, an allowlist, or membership
+//!   certificates of an authority) is checked on every connection, dialed or accepted, before anything else
+//!   crosses it, and on the owner of every record, however it arrived. A refused joiner fails at once with
+//!   the reason ([`MembershipError::Refused`]); [`Membership::access`] counts the refusals.
 //! - **Other protocols share the connections**: [`Membership::start_with`] serves them on the same router,
 //!   and [`Membership::connector`] gives a connection to a member by peer id (client-mode members over the
 //!   connection they opened), so matchmaking and all-reduce need no connections of their own.
 
+pub mod access;
 pub mod actor;
 pub mod broadcast;
 pub mod identity;
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, ArbiterHandle};
 use bytes::Bytes;
+use colony_transports::access::{AccessControl, AccessError, AccessPolicy, Certificate};
 use colony_transports::rpc::{Router, StreamConfig};
 use colony_transports::{Address, Connection, Keypair, PeerId, Scheme, Transport, TransportError};
 use tokio::sync::broadcast as channel;
@@ -198,8 +204,16 @@ pub struct MembershipConfig {
     pub stream: StreamConfig,
     /// Messages the membership actor queues at most (datagrams beyond are dropped, as a network would).
     pub mailbox_capacity: usize,
-    /// The clock records expire by, in seconds since the Unix epoch (injectable for tests).
+    /// The clock records expire by, in seconds since the Unix epoch (injectable for tests); certificates
+    /// are checked against it too.
     pub clock: Clock,
+    /// Who may take part: [`AccessPolicy::Open`] (the default), an allowlist, or certificates from an
+    /// authority (whose `run_id` must be this run's). Checked on every connection and on the owner of every
+    /// record.
+    pub access: AccessPolicy,
+    /// This peer's membership certificate, presented on every connection (and published as its access
+    /// record, see [`access`]); required when `access` admits by certificate.
+    pub certificate: Option<Certificate>,
 }
 
 impl std::fmt::Debug for MembershipConfig {
@@ -210,6 +224,8 @@ impl std::fmt::Debug for MembershipConfig {
             .field("advertise", &self.advertise)
             .field("initial_peers", &self.initial_peers)
             .field("role", &self.role)
+            .field("access", &self.access)
+            .field("certificate", &self.certificate)
             .field("swim", &self.swim)
             .finish_non_exhaustive()
     }
@@ -249,6 +265,8 @@ impl MembershipConfig {
             stream: StreamConfig::default(),
             mailbox_capacity: 4096,
             clock: system_clock(),
+            access: AccessPolicy::Open,
+            certificate: None,
         }
     }
 
@@ -281,6 +299,14 @@ impl MembershipConfig {
         }
         if self.sync_interval.is_zero() || self.bootstrap_timeout.is_zero() || self.join_attempt_timeout.is_zero() {
             return bad("sync_interval, bootstrap_timeout and join_attempt_timeout must be above zero".into());
+        }
+        if let AccessPolicy::Certificates { run_id, .. } = &self.access
+            && *run_id != self.run_id
+        {
+            return bad(format!(
+                "the access policy admits certificates for run '{run_id}', but this peer joins run '{}'",
+                self.run_id
+            ));
         }
         if self.pool.max_connections == 0 {
             return bad("pool.max_connections must be at least 1".into());
@@ -371,7 +397,19 @@ pub enum MembershipError {
         /// The configured bound.
         bound: Duration,
     },
-    /// The bootstrap peer refused for another reason (another run, a bad identity).
+    /// This peer's access settings cannot be used (its own certificate is missing, expired or for another
+    /// run or authority; an empty allowlist).
+    #[error("access control: {0}")]
+    Access(#[source] Box<AccessError>),
+    /// This peer's access policy refused the bootstrap peer.
+    #[error("this peer refuses the peer at {address}: {reason}")]
+    NotAdmitted {
+        /// The bootstrap peer.
+        address: Address,
+        /// Why.
+        reason: String,
+    },
+    /// The bootstrap peer refused for another reason (another run, a bad identity, its access policy).
     #[error("the peer at {address} refused to admit this peer: {reason}")]
     Refused {
         /// The bootstrap peer.
@@ -453,6 +491,8 @@ pub(crate) struct Shared {
     pub(crate) members: RwLock<HashMap<PeerId, MemberInfo>>,
     pub(crate) events: channel::Sender<MembershipEvent>,
     pub(crate) counters: MembershipCounters,
+    /// The run's access control, applied to every connection and every record.
+    pub(crate) access: Arc<AccessControl>,
     /// The SWIM packet size in force on this peer's transport.
     packet_size: usize,
     runtime: tokio::runtime::Handle,
@@ -579,6 +619,20 @@ impl Membership {
     ) -> Result<Self, MembershipError> {
         config.validate()?;
         let local_peer = keypair.peer_id();
+        let records_clock = config.clock.clone();
+        let unix_clock: colony_transports::access::UnixClock = Arc::new(move || records_clock().max(0.0) as u64);
+        let access = AccessControl::new(
+            local_peer,
+            config.access.clone(),
+            config.certificate.clone(),
+            unix_clock,
+        )
+        .map_err(|error| MembershipError::Access(Box::new(error)))?;
+        let access = Arc::new(access);
+        // Every connection, dialed or accepted, passes the access exchange before anything else uses it.
+        let transport = access.wrap(transport);
+        let mut schemas = schemas;
+        access::register_schema(&mut schemas);
         let listener = match &config.listen {
             Some(address) => Some(transport.listen(address).await.map_err(MembershipError::Listen)?),
             None => None,
@@ -596,7 +650,9 @@ impl Membership {
         };
 
         let store = RecordStore::new(config.run_id.clone(), config.record_limits.clone(), schemas);
-        let replica = Arc::new(Replica::new(store, config.clock.clone(), config.publish_limits));
+        let admission = Arc::new(access::RecordAdmission::new(access.clone()));
+        let replica =
+            Arc::new(Replica::new(store, config.clock.clone(), config.publish_limits).with_admission(admission));
         let actor_cell: Arc<OnceLock<Addr<MembershipActor>>> = Arc::new(OnceLock::new());
 
         let mut router = Router::with_config(config.stream);
@@ -647,6 +703,7 @@ impl Membership {
             members: RwLock::new(HashMap::new()),
             events: channel::channel(1024).0,
             counters: MembershipCounters::default(),
+            access,
             packet_size: config.swim.packet_size(scheme),
             runtime,
             tasks: Mutex::new(JoinSet::new()),
@@ -683,10 +740,48 @@ impl Membership {
                 stopped: AtomicBool::new(false),
             }),
         };
+        if membership.publish_access_record() {
+            let weak = Arc::downgrade(&membership.inner);
+            membership.inner.shared.spawn(async move {
+                loop {
+                    tokio::time::sleep(access::ACCESS_RECORD_REFRESH).await;
+                    // A weak handle: this task must not keep the peer alive; shutdown aborts it.
+                    let Some(inner) = weak.upgrade() else { return };
+                    if !(Membership { inner }).publish_access_record() {
+                        return;
+                    }
+                }
+            });
+        }
         if !config.initial_peers.is_empty() {
             membership.join().await?;
         }
         Ok(membership)
+    }
+
+    /// Publishes (again) this peer's access record, when it has a certificate that has not expired.
+    /// Returns whether it did.
+    fn publish_access_record(&self) -> bool {
+        let shared = &self.inner.shared;
+        let Some(certificate) = shared.access.certificate() else {
+            return false;
+        };
+        let Some(expiration) = access::access_record_expiration(certificate, shared.replica.now()) else {
+            tracing::warn!(
+                "this peer's membership certificate expired at {}; peers of the run will refuse it",
+                colony_transports::access::format_unix_time(certificate.not_after())
+            );
+            return false;
+        };
+        let value = Bytes::from(certificate.encode());
+        let subkey = Some(Subkey::Peer(self.local_peer()));
+        match self.publish(access::ACCESS_KEY, subkey, Some(value), expiration) {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not publish this peer's access record");
+                true
+            }
+        }
     }
 
     async fn join(&self) -> Result<(), MembershipError> {
@@ -743,11 +838,18 @@ impl Membership {
         if address.peer() == Some(self.local_peer()) {
             return Err(Attempt::Retry("that address is this peer".into()));
         }
-        let conn = shared
-            .pool
-            .dial(address)
-            .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        let conn = shared.pool.dial(address).await.map_err(|error| match error {
+            // Access refusals are final: the run's policy will not change between attempts.
+            TransportError::AccessRefused { reason, .. } => Attempt::Fatal(MembershipError::Refused {
+                address: address.clone(),
+                reason,
+            }),
+            TransportError::NotAdmitted { reason, .. } => Attempt::Fatal(MembershipError::NotAdmitted {
+                address: address.clone(),
+                reason,
+            }),
+            other => Attempt::Retry(other.to_string()),
+        })?;
         if conn.remote_peer() == self.local_peer() {
             return Err(Attempt::Retry("that address is this peer".into()));
         }
@@ -822,6 +924,12 @@ impl Membership {
         ask(&self.inner.actor, actor::CurrentIdentity).await
     }
 
+    /// Whether `peer` is another active member (not this peer). Local: no network round trip.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        let members = self.inner.shared.members.read().unwrap_or_else(|p| p.into_inner());
+        members.contains_key(peer)
+    }
+
     /// The other active members, sorted by peer id. Local: no network round trip.
     pub fn members(&self) -> Vec<MemberInfo> {
         let members = self.inner.shared.members.read().unwrap_or_else(|p| p.into_inner());
@@ -883,6 +991,13 @@ impl Membership {
     /// What the membership layer counted.
     pub fn counters(&self) -> &MembershipCounters {
         &self.inner.shared.counters
+    }
+
+    /// The run's access control as this peer applies it: its policy, and the connections it refused by
+    /// reason ([`AccessControl::refused`]). Records refused because their owner is not admitted are counted
+    /// by the replica ([`Replica::counters`], reason `not_admitted`).
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.inner.shared.access
     }
 
     /// Connections to members by peer id, for protocols other than membership's (all-reduce, state

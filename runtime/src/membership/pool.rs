@@ -251,6 +251,26 @@ impl Pool {
         self.evict(&mut inner);
     }
 
+    /// Closes every connection (current or retired) whose peer `refusal` gives a reason for, with that
+    /// reason: for peers whose admission has ended (an expired certificate).
+    pub fn close_where(&self, refusal: impl Fn(&PeerId) -> Option<String>) {
+        let mut inner = self.lock();
+        inner.conns.retain(|peer, entry| match refusal(peer) {
+            Some(reason) => {
+                entry.conn.close(&reason);
+                false
+            }
+            None => true,
+        });
+        inner.retired.retain(|(conn, _)| match refusal(&conn.remote_peer()) {
+            Some(reason) => {
+                conn.close(&reason);
+                false
+            }
+            None => true,
+        });
+    }
+
     /// Sends a datagram to `peer` over its open connection. Returns false when there is none.
     pub fn send_datagram(&self, peer: &PeerId, data: Bytes) -> bool {
         let Some(conn) = self.get(peer) else { return false };

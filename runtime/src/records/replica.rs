@@ -12,7 +12,7 @@ use bytes::Bytes;
 use colony_transports::PeerId;
 use tokio::sync::broadcast;
 
-use super::rate::PublishLimiter;
+use super::rate::{Payer, PublishLimiter, Throttle};
 use super::sync::Clock;
 use super::wire::WireRecord;
 use super::{DigestEntry, Record, RecordError, RecordStore, Stored, Subkey, Time, View};
@@ -26,17 +26,36 @@ pub struct PublishLimits {
     pub burst: u32,
     /// (peer, slot) pairs tracked at most.
     pub max_tracked: usize,
+    /// Sustained records per second per peer over all its slots: records signed by their owner are charged
+    /// to the owner, unsigned ones to the peer that sent them (in a budget of their own).
+    pub peer_rate_per_sec: f64,
+    /// Records per peer allowed at once over all its slots.
+    pub peer_burst: u32,
 }
 
 impl Default for PublishLimits {
     /// 20 updates a second per slot, bursts of 40: a matchmaking declaration slot takes two updates per
     /// round (declare, withdraw), and a swarm of small models runs several epochs a second, each with a
-    /// gradient and a state round; the limit still bounds what one peer can make the swarm gossip.
+    /// gradient and a state round; the limit still bounds what one peer can make the swarm gossip. Over
+    /// all its slots a peer may publish 100 records a second, bursts of 200: an honest peer publishes a
+    /// few slots (progress, declarations, state offers), a flooding one many distinct keys.
     fn default() -> Self {
         Self {
             rate_per_sec: 20.0,
             burst: 40,
             max_tracked: 100_000,
+            peer_rate_per_sec: 100.0,
+            peer_burst: 200,
+        }
+    }
+}
+
+fn describe_throttle(budget: &Throttle) -> String {
+    match budget {
+        Throttle::Key { rate_per_sec } => format!("this slot faster than {rate_per_sec} updates/s"),
+        Throttle::Peer { rate_per_sec } => format!("faster than {rate_per_sec} records/s over all its slots"),
+        Throttle::Table { max_tracked } => {
+            format!("while the limiter tracks {max_tracked} publishers and slots, all busy")
         }
     }
 }
@@ -47,16 +66,21 @@ pub enum Refused {
     /// The record broke a rule of the store.
     #[error(transparent)]
     Invalid(#[from] RecordError),
-    /// Its writer updates this slot faster than the publishing limits allow.
-    #[error("record {key}: peer {peer} publishes it faster than {rate_per_sec} updates/s; throttled")]
+    /// Its owner (or, unsigned, its sender) publishes faster than the publishing limits allow.
+    #[error("record {key}: peer {peer} publishes {}; throttled", describe_throttle(budget))]
     Throttled {
         key: String,
         peer: PeerId,
-        rate_per_sec: f64,
+        /// The budget it exceeded.
+        budget: Throttle,
     },
     /// It could not be decoded.
     #[error("{0}")]
     Malformed(String),
+    /// Its owner (the peer its subkey names, else the peer that sent it) is not admitted to the run by its
+    /// access policy.
+    #[error("record {key}: its owner is not admitted to the run: {reason}")]
+    NotAdmitted { key: String, owner: PeerId, reason: String },
 }
 
 impl Refused {
@@ -66,12 +90,13 @@ impl Refused {
             Refused::Invalid(error) => error.reason(),
             Refused::Throttled { .. } => "throttled",
             Refused::Malformed(_) => "malformed",
+            Refused::NotAdmitted { .. } => "not_admitted",
         }
     }
 }
 
 /// Every reason a record can be refused for, in the order [`RefusalCounts`] reports them.
-pub const REFUSAL_REASONS: [&str; 9] = [
+pub const REFUSAL_REASONS: [&str; 10] = [
     "expired",
     "invalid_expiration",
     "too_large",
@@ -81,6 +106,7 @@ pub const REFUSAL_REASONS: [&str; 9] = [
     "limit_reached",
     "throttled",
     "malformed",
+    "not_admitted",
 ];
 
 /// Counters of records applied and refused (by reason) by one replica. Also exported as the metrics
@@ -116,6 +142,16 @@ impl RecordCounters {
     pub fn refused_total(&self) -> u64 {
         self.refused.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
+}
+
+/// Decides whether the owner of a record takes part in the run: the run's access control
+/// ([`colony_transports::access`]). The replica asks it about every record that passed the store's rules,
+/// before storing it, whichever way the record came (published, gossiped, exchanged, relayed by a third
+/// peer).
+pub trait Admission: Send + Sync {
+    /// `Ok` when records owned by `owner` may be stored; `record` is the record in question, which may carry
+    /// its owner's credential. The error says why not, in words.
+    fn admit(&self, owner: &PeerId, record: &Record) -> Result<(), String>;
 }
 
 /// A change of what a read of a key sees.
@@ -170,9 +206,9 @@ pub struct Replica {
     store: Mutex<RecordStore>,
     clock: Clock,
     limiter: Mutex<PublishLimiter>,
-    limits: PublishLimits,
     counters: RecordCounters,
     changes: broadcast::Sender<Arc<Change>>,
+    admission: Option<Arc<dyn Admission>>,
 }
 
 impl Replica {
@@ -181,15 +217,21 @@ impl Replica {
         Self {
             store: Mutex::new(store),
             clock,
-            limiter: Mutex::new(PublishLimiter::new(
-                limits.rate_per_sec,
-                limits.burst,
-                limits.max_tracked,
-            )),
-            limits,
+            limiter: Mutex::new(
+                PublishLimiter::new(limits.rate_per_sec, limits.burst, limits.max_tracked)
+                    .with_peer_budget(limits.peer_rate_per_sec, limits.peer_burst),
+            ),
             counters: RecordCounters::default(),
             changes: broadcast::channel(SUBSCRIPTION_BUFFER).0,
+            admission: None,
         }
+    }
+
+    /// The replica, storing only records whose owner `admission` admits (refused ones are counted as
+    /// `not_admitted`).
+    pub fn with_admission(mut self, admission: Arc<dyn Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The current time on this replica's clock.
@@ -233,27 +275,36 @@ impl Replica {
             return Ok(Stored::Outdated);
         }
         store.validate(&record, now)?;
-        let owner = match &record.subkey {
-            Some(Subkey::Peer(peer)) => *peer,
-            _ => writer,
+        // Validation proved the signature of a record whose subkey names a peer: it is charged to that
+        // owner. Any other record is owned by nobody and charged to the peer that sent it.
+        let (owner, payer) = match &record.subkey {
+            Some(Subkey::Peer(peer)) => (*peer, Payer::Owner(*peer)),
+            _ => (writer, Payer::Sender(writer)),
         };
+        if let Some(admission) = &self.admission {
+            // After the signature check, so that a record is attributed to its owner only when proven.
+            admission
+                .admit(&owner, &record)
+                .map_err(|reason| Refused::NotAdmitted {
+                    key: record.key.clone(),
+                    owner,
+                    reason,
+                })?;
+        }
         let slot = match &record.subkey {
             None => record.key.clone(),
             Some(Subkey::Peer(peer)) => format!("{}\u{0}{peer}", record.key),
             Some(Subkey::Name(name)) => format!("{}\u{0}{name}", record.key),
         };
-        let allowed = self
-            .limiter
+        self.limiter
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .allow(owner, &slot, now);
-        if !allowed {
-            return Err(Refused::Throttled {
-                key: record.key,
+            .charge(payer, &slot, now)
+            .map_err(|budget| Refused::Throttled {
+                key: record.key.clone(),
                 peer: owner,
-                rate_per_sec: self.limits.rate_per_sec,
-            });
-        }
+                budget,
+            })?;
         let change = Change {
             key: record.key.clone(),
             subkey: record.subkey.clone(),
@@ -381,6 +432,7 @@ mod tests {
             rate_per_sec: 0.0,
             burst: 2,
             max_tracked: 10,
+            ..PublishLimits::default()
         });
         let keypair = Keypair::from_seed([2; 32]);
         let relay = Keypair::from_seed([3; 32]).peer_id();

@@ -121,6 +121,8 @@ impl Swarm {
             config.publish_limits = PublishLimits {
                 rate_per_sec: 10_000.0,
                 burst: 10_000,
+                peer_rate_per_sec: 100_000.0,
+                peer_burst: 100_000,
                 ..PublishLimits::default()
             };
             // Likewise the streams each follower opens to its leader, round after round.

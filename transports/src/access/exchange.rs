@@ -6,6 +6,12 @@
 //!    the listener's own credential;
 //! 3. dialer → listener: [`AccessVerdict`], the dialer's refusal of the listener, or none.
 //!
+//! The dialer uses the connection once it has checked the answer (one round trip); the listener hands the
+//! connection out as soon as it has admitted the dialer and sent its answer, so both sides have it at about
+//! the same moment, and reads the verdict in the background: a dialer that refuses the listener closes the
+//! connection, and the listener logs why. Nothing crosses the connection from the dialer before it admitted
+//! the listener, and the listener serves nothing before it admitted the dialer.
+//!
 //! The stream is framed like every protocol stream (an open frame naming the protocol, then one message
 //! per frame; [`crate::wire`]), with small limits: headers of at most 4 KiB and no payloads. A side that
 //! refuses sends its reason, waits briefly for the other side to close (so the message is read), then
@@ -26,7 +32,7 @@ use crate::address::{Address, Scheme};
 use crate::error::{CloseReason, TransportError};
 use crate::identity::PeerId;
 use crate::rpc::{self, FramedRecv, FramedSend, StreamConfig};
-use crate::transport::{Connection, Listener, ListenerImpl, Transport};
+use crate::transport::{Connection, Listener, ListenerImpl, RecvStream, Transport};
 use crate::wire::{FrameKind, FrameLimits, OpenHeader, ProtocolId, WireError, read_frame};
 
 /// The protocol id of the exchange.
@@ -126,6 +132,7 @@ impl Transport for AccessControlled {
             inner,
             control: self.control.clone(),
             admissions: JoinSet::new(),
+            verdicts: JoinSet::new(),
             refused: 0,
         })))
     }
@@ -219,16 +226,18 @@ async fn linger_and_close(conn: &Connection, refusal: &Refusal) {
 
 /// How the listener's side of one exchange ended.
 enum Outcome {
-    Admitted,
+    /// The dialer is admitted; its verdict on this side is still to come on this stream.
+    Admitted(RecvStream),
     /// This side refused the dialer (counted and logged already).
     Refused(Refusal),
-    /// The dialer refused this side.
-    RefusedByDialer(String),
     /// The dialer did not complete the exchange.
     Failed(String),
 }
 
-async fn listener_side(conn: Connection, control: Arc<AccessControl>) -> Option<Connection> {
+/// An admitted connection and the stream its dialer's verdict arrives on.
+type Admitted = (Connection, RecvStream);
+
+async fn listener_side(conn: Connection, control: Arc<AccessControl>) -> Option<Admitted> {
     let peer = conn.remote_peer();
     let timeout = control.exchange_timeout();
     let outcome = match tokio::time::timeout(timeout, listener_exchange(&conn, &control)).await {
@@ -236,12 +245,8 @@ async fn listener_side(conn: Connection, control: Arc<AccessControl>) -> Option<
         Err(_) => Outcome::Failed(format!("it did not finish within {timeout:?}")),
     };
     match outcome {
-        Outcome::Admitted => return Some(conn),
+        Outcome::Admitted(verdict) => return Some((conn, verdict)),
         Outcome::Refused(refusal) => linger_and_close(&conn, &refusal).await,
-        Outcome::RefusedByDialer(reason) => {
-            tracing::warn!(peer = %peer, %reason, "a peer that dialed this one refused it");
-            conn.close(&format!("closing after the dialer's refusal: {reason}"));
-        }
         Outcome::Failed(detail) => {
             let refusal = Refusal::ExchangeFailed { peer, detail };
             control.count_refusal(&refusal);
@@ -250,6 +255,23 @@ async fn listener_side(conn: Connection, control: Arc<AccessControl>) -> Option<
         }
     }
     None
+}
+
+/// Reads the dialer's verdict on an admitted connection; a refusal is logged (the dialer closes the
+/// connection itself).
+async fn read_verdict(conn: Connection, recv: RecvStream, timeout: Duration) {
+    let config = stream_config(timeout);
+    let mut verdicts = FramedRecv::<AccessVerdict>::new(recv, config.limits, config.message_timeout);
+    match verdicts.recv_required("the dialer's verdict").await {
+        Ok((AccessVerdict { refusal: None }, _)) => {}
+        Ok((AccessVerdict { refusal: Some(refusal) }, _)) => {
+            tracing::warn!(peer = %conn.remote_peer(), reason = %refusal.message, "a peer that dialed this one refused it");
+            conn.close(&format!("closing after the dialer's refusal: {}", refusal.message));
+        }
+        Err(error) => {
+            tracing::debug!(peer = %conn.remote_peer().short(), %error, "no verdict from a dialer");
+        }
+    }
 }
 
 async fn listener_exchange(conn: &Connection, control: &AccessControl) -> Outcome {
@@ -307,19 +329,16 @@ async fn listener_exchange(conn: &Connection, control: &AccessControl) -> Outcom
     if let Err(error) = send.finish().await {
         return Outcome::Failed(error.to_string());
     }
-    let mut verdicts = FramedRecv::<AccessVerdict>::new(offers.into_inner(), config.limits, config.message_timeout);
-    match verdicts.recv_required("the dialer's verdict").await {
-        Ok((AccessVerdict { refusal: None }, _)) => Outcome::Admitted,
-        Ok((AccessVerdict { refusal: Some(refusal) }, _)) => Outcome::RefusedByDialer(refusal.message),
-        Err(error) => Outcome::Failed(error.to_string()),
-    }
+    Outcome::Admitted(offers.into_inner())
 }
 
 struct AccessListener {
     inner: Listener,
     control: Arc<AccessControl>,
     /// Exchanges in progress; dropping the listener aborts them (and drops their connections).
-    admissions: JoinSet<Option<Connection>>,
+    admissions: JoinSet<Option<Admitted>>,
+    /// Readers of admitted dialers' verdicts; dropping the listener aborts them.
+    verdicts: JoinSet<()>,
     refused: u64,
 }
 
@@ -332,6 +351,7 @@ impl ListenerImpl for AccessListener {
     async fn accept(&mut self) -> Result<Connection, TransportError> {
         // Both branches are cancel-safe: a connection taken from the inner listener is in `admissions`
         // before the next await, and a finished admission is returned at once.
+        while self.verdicts.try_join_next().is_some() {}
         loop {
             tokio::select! {
                 accepted = self.inner.accept(), if self.admissions.len() < MAX_PENDING_ADMISSIONS => {
@@ -339,7 +359,11 @@ impl ListenerImpl for AccessListener {
                     self.admissions.spawn(listener_side(conn, self.control.clone()));
                 }
                 Some(done) = self.admissions.join_next(), if !self.admissions.is_empty() => match done {
-                    Ok(Some(conn)) => return Ok(conn),
+                    Ok(Some((conn, verdict))) => {
+                        let timeout = self.control.exchange_timeout();
+                        self.verdicts.spawn(read_verdict(conn.clone(), verdict, timeout));
+                        return Ok(conn);
+                    }
                     Ok(None) => self.refused += 1,
                     Err(error) => {
                         self.refused += 1;
@@ -419,10 +443,13 @@ mod tests {
             .await
             .unwrap();
         let address = listener.local_address();
-        let accepting = tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_millis(300), listener.accept())
+        // The listener admits the dialer and hands the connection out at once; the dialer's refusal closes it.
+        let accepted = tokio::spawn(async move {
+            let conn = listener.accept().await.unwrap();
+            let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
                 .await
-                .is_err()
+                .unwrap();
+            (reason, listener)
         });
         let client_control = allowlist(&client, &[&someone]);
         let error = client_control
@@ -435,7 +462,8 @@ mod tests {
             "{error}"
         );
         assert_eq!(client_control.refused("not_allowlisted"), 1);
-        assert!(accepting.await.unwrap(), "the refused listener accepted no connection");
+        let (reason, _listener) = accepted.await.unwrap();
+        assert!(reason.to_string().contains("not on the run's allowlist"), "{reason}");
     }
 
     #[tokio::test]
