@@ -362,6 +362,40 @@ async fn a_newcomer_loads_the_state_and_the_learning_rate_of_epoch_1337() {
     donor.optimizer.shutdown().await;
 }
 
+/// Two peers that load the state at the same moment (as two survivors do when a peer that ran ahead of
+/// them crashes) download it from each other: a peer keeps serving its state while it loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_loading_at_once_download_from_each_other() {
+    let _serial = SERIAL.lock().await;
+    let hub = hub();
+    let tensors = vec![TensorInfo::new("w", [4])];
+    let options = options(1000, OptimizerConfig::sgd(0.1, 0.0, 4));
+    let mut a = peer(&hub, "both-a", None, tensors.clone(), &[1.0; 4], options.clone()).await;
+    let mut b = peer(&hub, "both-b", a.membership.address(), tensors, &[2.0; 4], options).await;
+    for p in [&mut a, &mut b] {
+        p.grads.fill(0.0);
+        p.optimizer.step(&mut p.params, &mut p.grads, Some(1)).await.unwrap();
+    }
+    wait_until("each sees the other's progress", Duration::from_secs(20), || {
+        a.optimizer.tracker().global().num_peers == 2 && b.optimizer.tracker().global().num_peers == 2
+    })
+    .await;
+    let started = Instant::now();
+    let (loaded_a, loaded_b) = tokio::join!(
+        a.optimizer.load_state_from_peers(&mut a.params, &mut a.grads),
+        b.optimizer.load_state_from_peers(&mut b.params, &mut b.grads),
+    );
+    let took = started.elapsed();
+    assert_eq!(loaded_a.expect("a loads"), 0);
+    assert_eq!(loaded_b.expect("b loads"), 0);
+    assert!(took < Duration::from_secs(5), "the loads took {took:?}");
+    // Each downloaded a snapshot of the other's state, taken when its request arrived.
+    assert_eq!(a.params, [2.0; 4]);
+    assert_eq!(b.params, [1.0; 4]);
+    a.optimizer.shutdown().await;
+    b.optimizer.shutdown().await;
+}
+
 /// Hivemind's `test_optimizer`: one peer alone, in each of the eight flag combinations (use_local_updates,
 /// delay_state_averaging, delay_optimizer_step, delay_grad_averaging, reuse_grad_buffers), a linear model,
 /// SGD with lr 0.1 halved every epoch, target 32, batches of 4: after three epochs the local and global

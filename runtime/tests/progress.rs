@@ -23,13 +23,18 @@ const RUN: &str = "progress-test";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn hub() -> MemHub {
+    hub_and_emulator().0
+}
+
+/// A hub over 1 ms links, and its emulator (to kill a peer's links).
+fn hub_and_emulator() -> (MemHub, LinkEmulator) {
     let emulator = LinkEmulator::with_seed(5);
     emulator.set_default_link(LinkConfig {
         latency: Duration::from_millis(1),
         bandwidth_bytes_per_sec: None,
         datagram_loss: 0.0,
     });
-    MemHub::with_emulator(emulator)
+    (MemHub::with_emulator(emulator.clone()), emulator)
 }
 
 /// A member listening at `mem://{name}` (`None`: client mode), joining through `bootstrap`.
@@ -287,6 +292,44 @@ async fn a_peer_sees_anothers_samples_and_its_departure() {
     tracker_b.shutdown().await;
     a.shutdown();
     b.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_peer_ahead_stops_counting_once_the_membership_drops_it() {
+    let _serial = SERIAL.lock().await;
+    let (hub, emulator) = hub_and_emulator();
+    let a = member(&hub, Some("crash-a"), None).await;
+    let b = member(&hub, Some("crash-b"), Some(&a)).await;
+    converge(&[&a, &b]).await;
+    let config = ProgressConfig::new(1000);
+    let tracker_a = ProgressTracker::start(&a, config.clone()).unwrap();
+    let tracker_b = ProgressTracker::start(&b, config).unwrap();
+    tracker_a.report_local_progress(0, 10);
+    // b runs two epochs ahead of a, then crashes: its record stays behind until it expires.
+    tracker_b.update_epoch(2);
+    tracker_b.report_local_progress(2, 10);
+    wait_until("a sees b two epochs ahead", Duration::from_secs(5), || {
+        tracker_a.global().epoch == 2
+    })
+    .await;
+    emulator.kill(b.local_peer());
+    tracker_b.shutdown().await; // its deletion of the record cannot leave b any more
+    b.shutdown();
+    let detection = a.config().swim.failure_detection_time();
+    let dropped = wait_until("a's estimate drops b", detection + Duration::from_secs(5), || {
+        !a.is_member(&b.local_peer()) && tracker_a.global().epoch == 0
+    })
+    .await;
+    assert!(
+        records(&a).iter().any(|r| r.peer == b.local_peer() && r.epoch == 2),
+        "b's record is still there: only its departure took it out of the estimate"
+    );
+    let global = tracker_a.global();
+    assert_eq!(global.num_peers, 1, "a alone: {global:?}");
+    assert_eq!(global.samples_accumulated, 10);
+    println!("a's estimate dropped the crashed peer after {dropped:?} (failure detection time {detection:?})");
+    tracker_a.shutdown().await;
+    a.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,7 +131,7 @@ impl ProgressTracker {
         let now = membership.replica().now();
         let budget = PublishBudget::within(&membership.config().publish_limits);
         let mut state = ProgressState::new(local_peer, config, budget, now);
-        let records = parse_records(membership.get(PROGRESS_KEY).as_ref());
+        let records = live_records(membership);
         state.refresh(&records, state.refresh_token(), now);
         let mut epochs: HashMap<PeerId, u64> = records.iter().map(|r| (r.peer, r.epoch)).collect();
         let state = Arc::new(Mutex::new(state));
@@ -377,6 +377,17 @@ impl Actor for ProgressActor {
     }
 }
 
+/// The progress records of this peer and of the live members. Only live peers count: a peer that crashed
+/// leaves its record behind until it expires, and its epoch and rate would otherwise keep pulling the
+/// estimate (a crashed peer an epoch or two ahead would send every other peer to load the state, and its
+/// rate would end epochs before their samples are there).
+fn live_records(membership: &Membership) -> Vec<LocalProgress> {
+    let local = membership.local_peer();
+    let mut records = parse_records(membership.get(PROGRESS_KEY).as_ref());
+    records.retain(|r| r.peer == local || membership.is_member(&r.peer));
+    records
+}
+
 impl ProgressActor {
     fn now(&self) -> Time {
         self.membership.replica().now()
@@ -384,7 +395,7 @@ impl ProgressActor {
 
     fn refresh(&mut self, ctx: &mut Context<Self>) {
         let token = lock(&self.state).refresh_token();
-        let records = parse_records(self.membership.get(PROGRESS_KEY).as_ref());
+        let records = live_records(&self.membership);
         let now = self.now();
         let next = {
             let mut state = lock(&self.state);

@@ -555,8 +555,9 @@ impl CollaborativeOptimizer {
     ) -> Result<StepOutcome, OptimizerError> {
         let mut outcome = StepOutcome::default();
         self.apply_background(params, &mut outcome, false).await;
-        if self.should_load_state() {
-            let epoch = self.load_state_inner(params, grads).await?;
+        if self.should_load_state()
+            && let Some(epoch) = self.load_state_inner(params, grads).await?
+        {
             outcome.loaded_state = Some(epoch);
             outcome.parameters_updated = true;
             outcome.epoch = self.local_epoch;
@@ -673,7 +674,8 @@ impl CollaborativeOptimizer {
 
     /// Downloads the state (parameters, optimizer, epoch) from the peers that are furthest ahead and writes
     /// the parameters into `params`; this epoch's accumulated gradients (computed on old parameters) are
-    /// dropped, `grads` too when it is the accumulator. Returns the loaded epoch.
+    /// dropped, `grads` too when it is the accumulator. Returns the loaded epoch; when no live peer is at
+    /// this peer's epoch or later, nothing changes and the current epoch is returned.
     pub async fn load_state_from_peers(
         &mut self,
         params: &mut [f32],
@@ -686,7 +688,7 @@ impl CollaborativeOptimizer {
                 self.params_len
             )));
         }
-        self.load_state_inner(params, grads).await
+        Ok(self.load_state_inner(params, grads).await?.unwrap_or(self.local_epoch))
     }
 
     /// The trainer-visible state: epochs, samples, peers, learning-rate factor.
@@ -1018,19 +1020,29 @@ impl CollaborativeOptimizer {
         outcome.rounds.append(&mut finished);
     }
 
-    async fn load_state_inner(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<u64, OptimizerError> {
+    /// Loads the state from the best live donor; `None` when no live peer is at this peer's epoch or later
+    /// (nothing was loaded and nothing changed).
+    async fn load_state_inner(&mut self, params: &mut [f32], grads: &mut [f32]) -> Result<Option<u64>, OptimizerError> {
         let mut ignored = StepOutcome::default();
         self.apply_background(params, &mut ignored, true).await;
         if let Some(scheduled) = self.scheduled.take() {
             tag_along(&self.inner, scheduled);
         }
+        // This peer keeps serving its own state meanwhile: two peers that load at once (both sent behind by
+        // a peer that crashed ahead of them) must be able to download from each other. A receiver refuses
+        // donors behind it, and each stream serves one consistent snapshot.
         let inner = self.inner.clone();
-        inner.shared.set_sharing(false);
         let started = Instant::now();
         let result = download_state(&inner, self.local_epoch).await;
         record_round_metrics("load_state", result.is_ok(), started.elapsed());
-        inner.shared.set_sharing(!inner.options.auxiliary);
-        let loaded = result?;
+        let Some(loaded) = result? else {
+            // No live peer holds a state as recent as this one: what sent it here has gone.
+            tracing::info!(
+                epoch = self.local_epoch,
+                "no live peer is at this epoch or later; the state is kept"
+            );
+            return Ok(None);
+        };
         let global = inner.tracker.global().epoch;
         let mut epoch = loaded.max(self.local_epoch);
         if global > 0 && global - 1 <= epoch && epoch < global {
@@ -1048,7 +1060,7 @@ impl CollaborativeOptimizer {
         self.check_sync = false;
         inner.tracker.update_epoch(epoch);
         inner.counters.loads.fetch_add(1, Ordering::Relaxed);
-        Ok(epoch)
+        Ok(Some(epoch))
     }
 }
 
@@ -1371,8 +1383,9 @@ async fn state_stage(inner: &Arc<Inner>, job: EpochJob) {
     );
 }
 
-/// Downloads the full state from the peers ahead, retrying until `load_state_timeout`.
-async fn download_state(inner: &Arc<Inner>, own_epoch: u64) -> Result<u64, OptimizerError> {
+/// Downloads the full state from the peers ahead, retrying until `load_state_timeout`; `None` when this
+/// peer holds a state (its epoch is above 0) and no live donor is at its epoch or later.
+async fn download_state(inner: &Arc<Inner>, own_epoch: u64) -> Result<Option<u64>, OptimizerError> {
     let options = &inner.options;
     let deadline = Instant::now() + options.load_state_timeout;
     let config = DownloadConfig {
@@ -1384,6 +1397,17 @@ async fn download_state(inner: &Arc<Inner>, own_epoch: u64) -> Result<u64, Optim
     let layout = inner.shared.layouts().full_state.clone();
     let mut last_error = String::from("no peer with a progress record to download from");
     loop {
+        if own_epoch > 0 {
+            // A peer that holds a state gives up at once when every live donor is behind it (or there is
+            // none): the peers that were ahead have gone. A newcomer (epoch 0) waits for donors.
+            let records = progress::parse_records(inner.membership.get(progress::PROGRESS_KEY).as_ref());
+            let ahead = records
+                .iter()
+                .any(|r| r.peer != me && !r.client_mode && r.epoch >= own_epoch && inner.membership.is_member(&r.peer));
+            if !ahead {
+                return Ok(None);
+            }
+        }
         let members: std::collections::HashMap<_, _> = inner
             .membership
             .members()
@@ -1412,7 +1436,7 @@ async fn download_state(inner: &Arc<Inner>, own_epoch: u64) -> Result<u64, Optim
                     } else {
                         state.read_from(downloaded.tensors.as_slice(), &statistics, None);
                         state.epoch = downloaded.epoch;
-                        return Ok(downloaded.epoch);
+                        return Ok(Some(downloaded.epoch));
                     }
                 }
                 Err(e) => last_error = e.to_string(),
