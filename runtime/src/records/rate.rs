@@ -54,7 +54,12 @@ pub struct PublishLimiter {
     buckets: HashMap<(PeerId, String), Bucket>,
     peers: HashMap<Payer, Bucket>,
     throttled: u64,
+    last_sweep: Time,
 }
+
+/// Seconds between sweeps of the buckets that refilled: a slot written once (a declaration of one round)
+/// must not stay in the tables until they are full.
+const SWEEP_INTERVAL: Time = 10.0;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -116,6 +121,7 @@ impl PublishLimiter {
             buckets: HashMap::new(),
             peers: HashMap::new(),
             throttled: 0,
+            last_sweep: Time::NEG_INFINITY,
         }
     }
 
@@ -141,7 +147,30 @@ impl PublishLimiter {
         self.charge(Payer::Owner(peer), key, now).is_ok()
     }
 
+    /// Drops the buckets that refilled completely: they hold no information.
+    fn sweep(&mut self, now: Time) {
+        self.last_sweep = now;
+        let (rate, burst) = (self.rate_per_sec, self.burst);
+        self.buckets.retain(|_, bucket| {
+            bucket.refill(rate, burst, now);
+            bucket.tokens < burst
+        });
+        let (rate, burst) = (self.peer_rate_per_sec, self.peer_burst);
+        self.peers.retain(|_, bucket| {
+            bucket.refill(rate, burst, now);
+            bucket.tokens < burst
+        });
+    }
+
+    /// Buckets held now, per (peer, key) and per payer.
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.buckets.len(), self.peers.len())
+    }
+
     fn check(&mut self, payer: Payer, key: &str, now: Time) -> Result<(), Throttle> {
+        if now - self.last_sweep >= SWEEP_INTERVAL {
+            self.sweep(now);
+        }
         if self.peer_burst.is_finite() {
             let (rate, burst) = (self.peer_rate_per_sec, self.peer_burst);
             if !self.peers.contains_key(&payer) && !make_room(&mut self.peers, self.max_tracked, rate, burst, now) {
@@ -188,6 +217,28 @@ mod tests {
 
     fn owner(seed: u8) -> Payer {
         Payer::Owner(Keypair::from_seed([seed; 32]).peer_id())
+    }
+
+    #[test]
+    fn slots_written_once_are_forgotten_once_they_refill() {
+        let mut limiter = PublishLimiter::new(20.0, 40, 100_000).with_peer_budget(100.0, 200);
+        let peer = owner(1);
+        // One declaration slot per round, as a long run writes them: a new key every 0.1 s for 100 s.
+        let mut most = 0;
+        for round in 0..1000 {
+            let now = f64::from(round) * 0.1;
+            assert!(limiter.charge(peer, &format!("round-{round}"), now).is_ok());
+            most = most.max(limiter.tracked().0);
+        }
+        assert!(
+            most <= 2 + (SWEEP_INTERVAL / 0.1) as usize,
+            "{most} buckets held at most"
+        );
+        // A peer's budget that refilled is dropped too, and a bucket in use is kept.
+        assert!(limiter.charge(peer, "busy", 200.0).is_ok());
+        assert!(limiter.charge(owner(2), "busy", 200.5).is_ok());
+        limiter.charge(owner(2), "other", 211.0).unwrap();
+        assert_eq!(limiter.tracked().1, 1, "only owner 2's budget is still in use");
     }
 
     #[test]
