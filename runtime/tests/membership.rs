@@ -339,6 +339,41 @@ async fn a_graceful_leave_is_seen_at_once_and_a_revived_peer_rejoins_under_a_new
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_peer_is_suspected_at_once_while_still_listed_then_dropped() {
+    let _serial = SERIAL.lock().await;
+    let mut swarm = Swarm::new();
+    swarm.start_joined(&names("s", 2)).await;
+    wait_until("2 peers see each other", Duration::from_secs(10), || {
+        swarm.peers.iter().all(|(_, p)| p.members().len() == 1)
+    })
+    .await;
+    let (keypair, crashed) = swarm.peers.pop().unwrap();
+    let (gone, survivor) = (keypair.peer_id(), swarm.peers[0].1.clone());
+    assert!(!survivor.is_suspected(&gone));
+    swarm.emulator.kill(gone);
+    crashed.shutdown();
+    // Its connection broke and it cannot be dialed again: suspected well before the suspicion time ends,
+    // while it is still listed.
+    let suspected = wait_until(
+        "the crashed peer is suspected",
+        swim().suspect_to_down_after / 2,
+        || survivor.is_suspected(&gone),
+    )
+    .await;
+    assert!(
+        survivor.is_member(&gone),
+        "still listed while suspected ({suspected:?} after the crash)"
+    );
+    wait_until("the crashed peer is dropped", swim().failure_detection_time(), || {
+        !survivor.is_member(&gone)
+    })
+    .await;
+    assert!(!survivor.is_suspected(&gone), "a dropped peer is no longer suspected");
+    println!("a crashed peer was suspected after {suspected:?}");
+    survivor.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_mode_peers_are_members_reached_over_their_own_connections() {
     let _serial = SERIAL.lock().await;
     let mut swarm = Swarm::new();

@@ -195,6 +195,7 @@ impl MembershipActor {
         let shared = &self.shared;
         match notification {
             OwnedNotification::MemberUp(id) => {
+                shared.suspected_mut().remove(&id.peer);
                 if id.role == Role::Client {
                     shared.pool.pin(&id.peer);
                 }
@@ -212,11 +213,13 @@ impl MembershipActor {
                     }
                 };
                 if removed.is_some() {
+                    shared.suspected_mut().remove(&id.peer);
                     tracing::info!(peer = %id.peer, "member left or failed");
                     let _ = shared.events.send(MembershipEvent::Left(id.peer));
                 }
             }
             OwnedNotification::Rename(old, new) => {
+                shared.suspected_mut().remove(&old.peer);
                 let info = MemberInfo::from(&new);
                 let mut members = shared.members_mut();
                 members.remove(&old.peer);
@@ -462,6 +465,7 @@ impl MembershipActor {
 
     fn suspect(&mut self, member: Member<MemberId>, ctx: &mut Context<Self>) {
         let (id, incarnation) = (member.id().clone(), member.incarnation());
+        self.shared.suspected_mut().insert(id.peer);
         let suspect = Member::new(id.clone(), incarnation, foca::State::Suspect);
         if let Err(error) = self.swim.apply_many(std::iter::once(suspect), true, &mut self.runtime) {
             tracing::debug!(%error, "suspecting a member");
@@ -473,7 +477,9 @@ impl MembershipActor {
                 .swim
                 .iter_membership_state()
                 .any(|m| m.id() == &id && m.incarnation() == incarnation && m.state() == foca::State::Suspect);
-            if unrefuted {
+            if !unrefuted {
+                actor.shared.suspected_mut().remove(&id.peer);
+            } else {
                 let down = Member::new(id, incarnation, foca::State::Down);
                 if let Err(error) = actor.swim.apply_many(std::iter::once(down), true, &mut actor.runtime) {
                     tracing::debug!(%error, "declaring a member dead");

@@ -26,7 +26,7 @@ pub mod identity;
 pub mod join;
 pub mod pool;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockWriteGuard};
@@ -489,6 +489,9 @@ pub(crate) struct Shared {
     pub(crate) pool: Arc<pool::Pool>,
     pub(crate) replica: Arc<Replica>,
     pub(crate) members: RwLock<HashMap<PeerId, MemberInfo>>,
+    /// Members suspected since their connections broke and could not be dialed again: still listed until
+    /// the suspicion time runs out (or they refute), but most likely gone.
+    pub(crate) suspected: RwLock<HashSet<PeerId>>,
     pub(crate) events: channel::Sender<MembershipEvent>,
     pub(crate) counters: MembershipCounters,
     /// The run's access control, applied to every connection and every record.
@@ -509,6 +512,10 @@ impl Shared {
 
     pub(crate) fn members_mut(&self) -> RwLockWriteGuard<'_, HashMap<PeerId, MemberInfo>> {
         self.members.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn suspected_mut(&self) -> RwLockWriteGuard<'_, HashSet<PeerId>> {
+        self.suspected.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -701,6 +708,7 @@ impl Membership {
             pool: pool.clone(),
             replica: replica.clone(),
             members: RwLock::new(HashMap::new()),
+            suspected: RwLock::new(HashSet::new()),
             events: channel::channel(1024).0,
             counters: MembershipCounters::default(),
             access,
@@ -928,6 +936,14 @@ impl Membership {
     pub fn is_member(&self, peer: &PeerId) -> bool {
         let members = self.inner.shared.members.read().unwrap_or_else(|p| p.into_inner());
         members.contains_key(peer)
+    }
+
+    /// Whether this peer suspects member `peer`: its own connections to it broke and a new dial failed, so
+    /// it has most likely crashed (suspicion that other members gossip is not reflected here). It stays a member until the suspicion time (`swim.suspect_to_down_after`) runs out
+    /// without a refutation; meanwhile whoever counts the peers expected in a round should not wait for it.
+    pub fn is_suspected(&self, peer: &PeerId) -> bool {
+        let suspected = self.inner.shared.suspected.read().unwrap_or_else(|p| p.into_inner());
+        suspected.contains(peer)
     }
 
     /// The other active members, sorted by peer id. Local: no network round trip.

@@ -826,11 +826,17 @@ impl CollaborativeOptimizer {
     /// at the local epoch; before the boundary also those one epoch behind (they are finishing the
     /// previous epoch and will be here in a moment), at the boundary those one epoch ahead (they are in the
     /// same rounds, a moment earlier). Every peer of a healthy swarm counts the same peers, so groups do
-    /// not split; a wrong count only makes a group wait for the matchmaking window.
+    /// not split; a wrong count only makes a group wait for the matchmaking window. A suspected member (its
+    /// connections broke: most likely it crashed) is not waited for.
     fn expected_peers(&self, at_boundary: bool) -> usize {
         let me = self.inner.membership.local_peer();
-        let members: std::collections::HashSet<_> =
-            self.inner.membership.members().into_iter().map(|m| m.peer).collect();
+        let membership = &self.inner.membership;
+        let members: std::collections::HashSet<_> = membership
+            .members()
+            .into_iter()
+            .map(|m| m.peer)
+            .filter(|peer| !membership.is_suspected(peer))
+            .collect();
         let records = progress::parse_records(self.inner.membership.get(progress::PROGRESS_KEY).as_ref());
         let epoch = self.local_epoch;
         let others = records
@@ -854,7 +860,7 @@ impl CollaborativeOptimizer {
             .membership
             .members()
             .iter()
-            .filter(|m| m.role == Role::Auxiliary)
+            .filter(|m| m.role == Role::Auxiliary && !self.inner.membership.is_suspected(&m.peer))
             .count();
         self.expected_peers(at_boundary) + auxiliaries
     }
@@ -1191,11 +1197,11 @@ async fn round_abandoned(inner: &Inner, epoch: u64) {
     let patience = inner.options.request_timeout;
     let mut alone_since: Option<Instant> = None;
     loop {
-        let members: std::collections::HashSet<_> = inner.membership.members().into_iter().map(|m| m.peer).collect();
-        let records = progress::parse_records(inner.membership.get(progress::PROGRESS_KEY).as_ref());
-        let someone_left = records
-            .iter()
-            .any(|r| r.peer != me && r.epoch <= epoch && members.contains(&r.peer));
+        let membership = &inner.membership;
+        let records = progress::parse_records(membership.get(progress::PROGRESS_KEY).as_ref());
+        let someone_left = records.iter().any(|r| {
+            r.peer != me && r.epoch <= epoch && membership.is_member(&r.peer) && !membership.is_suspected(&r.peer)
+        });
         if someone_left {
             alone_since = None;
         } else if alone_since.get_or_insert_with(Instant::now).elapsed() >= patience {
