@@ -29,6 +29,12 @@ pub struct ConnectError {
 pub trait Connector: Send + Sync + 'static {
     /// A live connection to `peer`, dialing one when none is open.
     async fn connect(&self, peer: &PeerId) -> Result<Connection, ConnectError>;
+
+    /// Whether `peer` is known to be gone (its connections broke and it cannot be dialed): a reducer stops
+    /// waiting for its parts at once instead of after `sender_timeout`. The default knows nothing.
+    fn is_gone(&self, _peer: &PeerId) -> bool {
+        false
+    }
 }
 
 /// A listening peer that keeps one connection per remote peer and serves one [`Router`] on all of them.

@@ -11,12 +11,12 @@ use colony_averaging::allreduce::{
 };
 use colony_averaging::balance::load_balance_peers;
 use colony_averaging::codec::{Codec, CodecPolicy};
-use colony_averaging::net::Endpoint;
+use colony_averaging::net::{ConnectError, Connector, Endpoint};
 use colony_averaging::tensor::{FlatTensors, TensorInfo, TensorLayout};
 use colony_transports::mem::MemHub;
 use colony_transports::rpc::{Router, StreamConfig};
 use colony_transports::tcp::{TcpConfig, TcpTransport};
-use colony_transports::{Address, Keypair, PeerId, Transport};
+use colony_transports::{Address, Connection, Keypair, PeerId, Transport};
 
 /// A deterministic source of test values.
 struct Rng(u64);
@@ -483,6 +483,92 @@ async fn a_rogue_sender_is_dropped_and_the_others_finish() {
 /// Four peers, one of which sends its values scaled by 10³ (and, in a second round, random values of that
 /// size): with CenteredClip every peer's result stays within the outlier's bounded pull of the honest mean,
 /// for exact and compressed parts; with the mean it is dragged far away. Reducers count what they clipped.
+/// A connector that knows one peer to be gone, as the runtime's does for a member whose connections broke.
+struct KnowsGone {
+    inner: Arc<dyn Connector>,
+    gone: PeerId,
+}
+
+#[async_trait::async_trait]
+impl Connector for KnowsGone {
+    async fn connect(&self, peer: &PeerId) -> Result<Connection, ConnectError> {
+        self.inner.connect(peer).await
+    }
+
+    fn is_gone(&self, peer: &PeerId) -> bool {
+        *peer == self.gone
+    }
+}
+
+/// A member that crashed after its group formed never opens its streams: a reducer that is told it is gone
+/// stops waiting for it at once, not after the sender timeout, and its parts keep local values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_known_to_be_gone_is_not_waited_for() {
+    let peers = peers(3, Net::Mem, Duration::from_millis(500)).await;
+    let layout = small_layout();
+    let inputs = small_inputs(9);
+    let plan = plan(&peers, &[PeerMode::Node; 3], &[1.0; 3], 9);
+    let gone = peers[2].id();
+    peers[2].endpoint.shutdown();
+    let config = AllReduceConfig {
+        sender_timeout: Duration::from_secs(8),
+        reducer_timeout: Duration::from_secs(16),
+        allreduce_timeout: Duration::from_secs(30),
+        ..AllReduceConfig::default()
+    };
+    let started = std::time::Instant::now();
+    let runs: Vec<_> = peers[..2]
+        .iter()
+        .zip(&inputs)
+        .map(|(peer, values)| {
+            let connector = Arc::new(KnowsGone {
+                inner: peer.endpoint.connector(),
+                gone,
+            });
+            let tensors = FlatTensors::new(layout.clone(), values.clone()).unwrap();
+            let run = allreduce::start(
+                &peer.service,
+                connector,
+                plan.clone(),
+                peer.id(),
+                layout.clone(),
+                Some(tensors),
+                config.clone(),
+            )
+            .unwrap();
+            tokio::spawn(run.finish())
+        })
+        .collect();
+    let reference = weighted_mean(&inputs, &[1.0; 3], &[true, true, false]);
+    for (index, run) in runs.into_iter().enumerate() {
+        let outcome = run.await.unwrap().unwrap();
+        let values = outcome.tensors.unwrap().into_vec();
+        let averaged = values
+            .iter()
+            .zip(&reference)
+            .filter(|(v, r)| (*v - *r).abs() < 1e-5)
+            .count();
+        assert!(
+            averaged * 2 > values.len(),
+            "peer {index}: {averaged} of {} averaged",
+            values.len()
+        );
+        assert!(
+            values
+                .iter()
+                .zip(&reference)
+                .zip(&inputs[index])
+                .all(|((v, r), own)| (v - r).abs() < 1e-5 || (v - own).abs() < 1e-5),
+            "peer {index} holds values that are neither averaged nor its own"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the round took {took:?} (sender timeout 8 s)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn centered_clip_bounds_a_peer_that_sends_scaled_or_random_values() {
     let peers = peers(4, Net::Mem, Duration::from_secs(5)).await;

@@ -234,7 +234,8 @@ async fn drive(
             ));
         }
     }
-    let reducing = registration.map(|registration| reduce_own_parts(context.clone(), registration, updates.clone()));
+    let reducing = registration
+        .map(|registration| reduce_own_parts(context.clone(), registration, updates.clone(), connector.clone()));
     drop(updates);
 
     let mut collector = Collector::new(&context, tensor_sender);
@@ -726,11 +727,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How often a reducer asks whether a sender that has not started is gone.
+const GONE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Reduces the parts this peer owns: its own contribution locally, the others' from their streams.
 async fn reduce_own_parts(
     context: Arc<RunContext>,
     registration: &mut Registration,
     updates: mpsc::UnboundedSender<PartUpdate>,
+    connector: Arc<dyn Connector>,
 ) -> TaskReport {
     let own_parts = context.partition.parts_of_peer(context.me);
     let part_lens: Vec<usize> = own_parts.clone().map(|p| context.part_range(p).len()).collect();
@@ -779,11 +784,24 @@ async fn reduce_own_parts(
     let mut streams: JoinSet<()> = JoinSet::new();
     let missing_deadline = Instant::now() + context.config.sender_timeout;
     let mut missing_checked = false;
+    let mut gone_check = tokio::time::interval(GONE_CHECK_INTERVAL);
+    gone_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if lock(&core).reducer.is_finished() {
             break;
         }
         tokio::select! {
+            _ = gone_check.tick(), if !missing_checked => {
+                // A sender known to be gone (it crashed after the group formed) will not start: waiting for
+                // it until the sender timeout would only stall everyone else's parts.
+                let mut core = lock(&core);
+                for (member, slot) in context.sender_slot.iter().enumerate() {
+                    let peer = context.plan.members[member].peer;
+                    if let Some(slot) = *slot && !core.started[slot] && connector.is_gone(&peer) {
+                        core.drop_sender(slot, peer, "is gone (its connections broke)", &updates);
+                    }
+                }
+            }
             incoming = registration.receiver.recv() => {
                 let Some(incoming) = incoming else { break };
                 accept_sender(&context, &core, incoming, &mut streams, &updates, &replies_sent, &failed).await;

@@ -1074,6 +1074,10 @@ impl colony_averaging::net::Connector for MemberConnector {
     {
         Box::pin(self.connect_to(*peer))
     }
+
+    fn is_gone(&self, peer: &PeerId) -> bool {
+        self.shared.suspected.read().unwrap_or_else(|p| p.into_inner()).contains(peer)
+    }
 }
 
 impl MemberConnector {
