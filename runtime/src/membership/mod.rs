@@ -1076,7 +1076,11 @@ impl colony_averaging::net::Connector for MemberConnector {
     }
 
     fn is_gone(&self, peer: &PeerId) -> bool {
-        self.shared.suspected.read().unwrap_or_else(|p| p.into_inner()).contains(peer)
+        self.shared
+            .suspected
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer)
     }
 }
 
