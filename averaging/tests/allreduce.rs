@@ -884,24 +884,27 @@ async fn a_cancelled_run_leaves_and_the_others_finish() {
         allreduce_timeout: Duration::from_secs(10),
         ..AllReduceConfig::default()
     };
-    let mut runs: Vec<_> = peers
-        .iter()
-        .zip(&inputs)
-        .map(|(peer, input)| peer.start(&plan, &layout, Some(input), config.clone()))
-        .collect();
-    let cancelled = runs.pop().unwrap();
+    // The cancelled peer starts and cancels before the others start: started together, a loaded machine
+    // could let the whole round finish before the cancel lands, and then there is nothing to notice.
+    let cancelled = peers[2].start(&plan, &layout, Some(&inputs[2]), config.clone());
     cancelled.cancel();
     assert!(matches!(
         cancelled.finish().await,
         Err(allreduce::AllReduceError::Cancelled)
     ));
+    let runs: Vec<_> = peers[..2]
+        .iter()
+        .zip(&inputs)
+        .map(|(peer, input)| peer.start(&plan, &layout, Some(input), config.clone()))
+        .collect();
     let started = std::time::Instant::now();
     for (index, run) in runs.into_iter().enumerate() {
         let outcome = run.finish().await.unwrap();
         assert!(!outcome.report.timed_out, "peer {index} timed out");
         let report = &outcome.report;
+        // Its parts stay local; as a sender it is left out (dropped, or never waited for once it left).
         assert!(
-            report.failed_reducers.contains(&peers[2].id()) && report.dropped_senders.contains(&peers[2].id()),
+            report.failed_reducers.contains(&peers[2].id()) && report.parts_averaged < report.parts,
             "peer {index} did not notice the cancelled peer: {report:?}"
         );
         // Values are finite and each is either averaged (with or without the cancelled peer) or local.
