@@ -37,15 +37,16 @@ impl Default for PublishLimits {
     /// 20 updates a second per slot, bursts of 40: a matchmaking declaration slot takes two updates per
     /// round (declare, withdraw), and a swarm of small models runs several epochs a second, each with a
     /// gradient and a state round; the limit still bounds what one peer can make the swarm gossip. Over
-    /// all its slots a peer may publish 100 records a second, bursts of 200: an honest peer publishes a
-    /// few slots (progress, declarations, state offers), a flooding one many distinct keys.
+    /// all its slots a peer may publish 500 records a second, bursts of 1,000: an honest peer publishes a
+    /// few slots (progress, declarations, state offers), each within its own limit, a flooding one many
+    /// distinct keys.
     fn default() -> Self {
         Self {
             rate_per_sec: 20.0,
             burst: 40,
             max_tracked: 100_000,
-            peer_rate_per_sec: 100.0,
-            peer_burst: 200,
+            peer_rate_per_sec: 500.0,
+            peer_burst: 1000,
         }
     }
 }
