@@ -520,10 +520,13 @@ mod tests {
             .await
             .unwrap();
         let address = listener.local_address();
-        let accepted = tokio::spawn(async move { listener.accept().await.map(|c| c.remote_peer()) });
+        // The listener (which reads the dialer's verdict) and the accepted connection are kept until the
+        // dialer has finished its side of the exchange: dropping them at once would close it under the dialer.
+        let accepted = tokio::spawn(async move { listener.accept().await.map(|conn| (conn, listener)) });
         let conn = control_b.wrap(hub.transport(&b)).dial(&address).await.unwrap();
         assert_eq!(conn.remote_peer(), a.peer_id());
-        assert_eq!(accepted.await.unwrap().unwrap(), b.peer_id());
+        let (accepted, _listener) = accepted.await.unwrap().unwrap();
+        assert_eq!(accepted.remote_peer(), b.peer_id());
         // Each side now admits the other's records.
         control_a.admits(&b.peer_id()).unwrap();
         control_b.admits(&a.peer_id()).unwrap();
