@@ -514,6 +514,10 @@ impl Shared {
         self.members.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(crate) fn is_suspected(&self, peer: &PeerId) -> bool {
+        self.suspected.read().unwrap_or_else(|p| p.into_inner()).contains(peer)
+    }
+
     pub(crate) fn suspected_mut(&self) -> RwLockWriteGuard<'_, HashSet<PeerId>> {
         self.suspected.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -942,8 +946,7 @@ impl Membership {
     /// it has most likely crashed (suspicion that other members gossip is not reflected here). It stays a member until the suspicion time (`swim.suspect_to_down_after`) runs out
     /// without a refutation; meanwhile whoever counts the peers expected in a round should not wait for it.
     pub fn is_suspected(&self, peer: &PeerId) -> bool {
-        let suspected = self.inner.shared.suspected.read().unwrap_or_else(|p| p.into_inner());
-        suspected.contains(peer)
+        self.inner.shared.is_suspected(peer)
     }
 
     /// The other active members, sorted by peer id. Local: no network round trip.
@@ -1076,11 +1079,7 @@ impl colony_averaging::net::Connector for MemberConnector {
     }
 
     fn is_gone(&self, peer: &PeerId) -> bool {
-        self.shared
-            .suspected
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(peer)
+        self.shared.is_suspected(peer)
     }
 }
 

@@ -89,8 +89,15 @@ fn sanitize_rate(rate: f64) -> f64 {
     if rate.is_finite() { rate.max(0.0) } else { 0.0 }
 }
 
-/// Drops the buckets that refilled completely (they hold no information) when `table` is at `max`.
-/// Returns whether there is room for one more.
+/// Drops the buckets that refilled completely: they hold no information.
+fn drop_refilled<K: Eq + std::hash::Hash>(table: &mut HashMap<K, Bucket>, rate: f64, burst: f64, now: Time) {
+    table.retain(|_, bucket| {
+        bucket.refill(rate, burst, now);
+        bucket.tokens < burst
+    });
+}
+
+/// Drops the refilled buckets when `table` is at `max`. Returns whether there is room for one more.
 fn make_room<K: Eq + std::hash::Hash>(
     table: &mut HashMap<K, Bucket>,
     max: usize,
@@ -99,10 +106,7 @@ fn make_room<K: Eq + std::hash::Hash>(
     now: Time,
 ) -> bool {
     if table.len() >= max {
-        table.retain(|_, bucket| {
-            bucket.refill(rate, burst, now);
-            bucket.tokens < burst
-        });
+        drop_refilled(table, rate, burst, now);
     }
     table.len() < max
 }
@@ -142,24 +146,11 @@ impl PublishLimiter {
         result
     }
 
-    /// [`PublishLimiter::charge`] for an update signed by its owner `peer`.
-    pub fn allow(&mut self, peer: PeerId, key: &str, now: Time) -> bool {
-        self.charge(Payer::Owner(peer), key, now).is_ok()
-    }
-
-    /// Drops the buckets that refilled completely: they hold no information.
+    /// Drops the buckets that refilled completely, in both tables.
     fn sweep(&mut self, now: Time) {
         self.last_sweep = now;
-        let (rate, burst) = (self.rate_per_sec, self.burst);
-        self.buckets.retain(|_, bucket| {
-            bucket.refill(rate, burst, now);
-            bucket.tokens < burst
-        });
-        let (rate, burst) = (self.peer_rate_per_sec, self.peer_burst);
-        self.peers.retain(|_, bucket| {
-            bucket.refill(rate, burst, now);
-            bucket.tokens < burst
-        });
+        drop_refilled(&mut self.buckets, self.rate_per_sec, self.burst, now);
+        drop_refilled(&mut self.peers, self.peer_rate_per_sec, self.peer_burst, now);
     }
 
     /// Buckets held now, per (peer, key) and per payer.
