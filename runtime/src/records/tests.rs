@@ -518,3 +518,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_verified_signature_cache_keeps_its_size_and_still_checks_signatures() {
+    let keypair = Keypair::generate();
+    let peer = keypair.peer_id();
+    let capacity = {
+        let verified = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+        (verified.0.capacity(), verified.1.capacity())
+    };
+    assert!(capacity.0 >= VERIFIED_GENERATION && capacity.1 >= VERIFIED_GENERATION);
+    // Three generations' worth of distinct signatures: the tables are reused, never grown.
+    for i in 0..3 * VERIFIED_GENERATION as u64 {
+        let message = i.to_le_bytes();
+        let signature = keypair.sign(&message);
+        assert!(verify_signature(&peer, &message, &signature));
+        // The same message with a signature it does not carry is refused, cached or not.
+        let mut forged = signature;
+        forged[0] ^= 1;
+        if i % 512 == 0 {
+            assert!(!verify_signature(&peer, &message, &forged));
+            assert!(
+                verify_signature(&peer, &message, &signature),
+                "a cached signature is accepted"
+            );
+        }
+    }
+    let verified = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!((verified.0.capacity(), verified.1.capacity()), capacity);
+    assert!(verified.0.len() <= VERIFIED_GENERATION && verified.1.len() <= VERIFIED_GENERATION);
+}
