@@ -681,8 +681,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
 const STAGING: usize = 64 * 1024;
 /// Payloads above this size are read into pooled buffers; smaller ones are split off the staging buffer.
 const POOLED_PAYLOAD: usize = 16 * 1024;
-/// Free buffers kept per connection for reuse.
-const MAX_POOLED_BUFFERS: usize = 16;
+/// Free buffers kept per connection for reuse: enough for a stream's payloads in flight, so a bulk
+/// transfer reuses warm memory, and few enough that a long-lived connection does not hoard memory that a
+/// rare burst of payloads once needed.
+const MAX_POOLED_BUFFERS: usize = 4;
+/// The most bytes (capacities) the free buffers of one connection may hold together.
+const MAX_POOLED_BYTES: usize = 4 * MAX_DATA_FRAME;
+/// Pooled buffers are allocated in multiples of this, so payloads of similar sizes share buffers.
+const POOL_GRANULE: usize = 64 * 1024;
 
 /// Reads frames with one copy from the socket. Large payloads land in buffers that return to a pool when
 /// the application drops them, so a bulk transfer reuses warm memory instead of faulting in new pages.
@@ -749,29 +755,42 @@ fn check_read(result: Result<std::io::Result<usize>, tokio::time::error::Elapsed
     }
 }
 
-/// Receive buffers of one connection, reused once the application drops the payload they hold.
+/// Receive buffers of one connection, reused once the application drops the payload they hold. Bounded by
+/// [`MAX_POOLED_BUFFERS`] and [`MAX_POOLED_BYTES`]: a buffer returned beyond either is freed.
 #[derive(Default)]
 struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
 }
 
 impl BufferPool {
+    /// The smallest free buffer that holds `len` bytes, or a new one of `len` rounded up to
+    /// [`POOL_GRANULE`].
     fn take(&self, len: usize) -> Vec<u8> {
         let reused = {
             let mut free = self.free.lock().expect("buffer pool poisoned");
             free.iter()
-                .rposition(|buf| buf.capacity() >= len)
+                .enumerate()
+                .filter(|(_, buf)| buf.capacity() >= len)
+                .min_by_key(|(_, buf)| buf.capacity())
+                .map(|(index, _)| index)
                 .map(|index| free.swap_remove(index))
         };
-        reused.unwrap_or_else(|| Vec::with_capacity(len.max(MAX_DATA_FRAME)))
+        reused.unwrap_or_else(|| Vec::with_capacity(len.next_multiple_of(POOL_GRANULE)))
     }
 
     fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
         let mut free = self.free.lock().expect("buffer pool poisoned");
-        if free.len() < MAX_POOLED_BUFFERS {
+        let pooled: usize = free.iter().map(Vec::capacity).sum();
+        if free.len() < MAX_POOLED_BUFFERS && pooled + buf.capacity() <= MAX_POOLED_BYTES {
             free.push(buf);
         }
+    }
+
+    #[cfg(test)]
+    fn pooled(&self) -> (usize, usize) {
+        let free = self.free.lock().expect("buffer pool poisoned");
+        (free.len(), free.iter().map(Vec::capacity).sum())
     }
 }
 
@@ -1163,5 +1182,30 @@ mod tests {
         }
         assert!(found, "the ninth stream was refused");
         assert!(conn.close_reason().is_none());
+    }
+
+    #[test]
+    fn the_buffer_pool_reuses_the_smallest_fit_and_stays_bounded() {
+        let pool = BufferPool::default();
+        // New buffers are sized to the payload, rounded up to the granule.
+        let small = pool.take(100_000);
+        assert_eq!(small.capacity(), 100_000usize.next_multiple_of(POOL_GRANULE));
+        let large = pool.take(MAX_DATA_FRAME);
+        assert_eq!(large.capacity(), MAX_DATA_FRAME);
+        pool.give(large);
+        pool.give(small);
+        // A small payload takes the small buffer, not the large one.
+        let again = pool.take(50_000);
+        assert_eq!(again.capacity(), 100_000usize.next_multiple_of(POOL_GRANULE));
+        pool.give(again);
+        // A burst of many large payloads in flight leaves at most the pool's bounds behind.
+        let burst: Vec<Vec<u8>> = (0..20).map(|_| pool.take(MAX_DATA_FRAME)).collect();
+        for buf in burst {
+            pool.give(buf);
+        }
+        let (count, bytes) = pool.pooled();
+        assert!(count <= MAX_POOLED_BUFFERS, "{count} buffers pooled");
+        assert!(bytes <= MAX_POOLED_BYTES, "{bytes} bytes pooled");
+        assert!(count > 0, "returned buffers are kept for reuse");
     }
 }
