@@ -16,7 +16,8 @@
 //! 2. At its declared time a leader assembles with at least `min_group_size`, else disbands its followers
 //!    and declares again with a later time.
 //! 3. At the deadline a leader with enough followers assembles; otherwise the search fails with
-//!    [`MatchmakingError::NoGroup`].
+//!    [`MatchmakingError::NoGroup`]. A follower already accepted by a leader waits for that leader's
+//!    answer past the deadline, up to its request's expiry (its declared time plus `request_timeout`).
 //! 4. A peer with no request open asks the best leader it knows of: the one with the smallest (declared
 //!    time, peer id) below its own, that it has not asked under that declaration yet; or the leader it was
 //!    just sent to by a `NotALeader`, `GroupDisbanded` or `Cancelled` answer.
@@ -223,6 +224,8 @@ impl Search {
         }
         let mut next = self.request.deadline;
         match &self.outgoing {
+            // An accepted follower waits for its leader up to the request's expiry, past the deadline too.
+            Some(outgoing) if outgoing.accepted => next = outgoing.expires,
             Some(outgoing) => next = next.min(outgoing.expires),
             None => {
                 if let Some(declared) = self.declared.filter(|_| !self.request.client_mode) {
@@ -484,7 +487,7 @@ impl Search {
                 self.declare(now);
             }
         }
-        if now >= self.request.deadline {
+        if now >= self.request.deadline && !self.awaiting_leader(now) {
             if leads && !following && group_size >= self.config.min_group_size {
                 self.assemble();
             } else {
@@ -506,6 +509,15 @@ impl Search {
                 _ => self.request_next(now),
             }
         }
+    }
+
+    /// Whether this peer follows a leader that has not answered yet and may still: until the request's
+    /// expiry (this peer's declared time plus `request_timeout`), past the deadline if need be. The leader
+    /// declared an earlier time than this peer and assembles or disbands at it, so its answer is on its
+    /// way; a follower that gave up at its deadline a moment before the answer arrived would leave the
+    /// group waiting for a member that is not coming (a whole sender timeout).
+    fn awaiting_leader(&self, now: Time) -> bool {
+        self.outgoing.as_ref().is_some_and(|o| o.accepted && now < o.expires)
     }
 
     /// The (declared time, peer) order this peer's requests carry.

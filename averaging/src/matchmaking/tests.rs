@@ -1097,3 +1097,66 @@ fn peers_with_different_schemas_never_group() {
         assert!(group.members.iter().all(|m| index(m) == index(peer_id)));
     }
 }
+
+#[test]
+fn an_accepted_follower_waits_for_its_leader_past_the_deadline_up_to_the_request_timeout() {
+    // The leader declared a moment before the follower, whose declaration is capped at its deadline: the
+    // leader's group can reach the follower just after that deadline.
+    let follower_with_leader = || {
+        let known = vec![(
+            peer(9),
+            Declaration {
+                expiration: T0 + 4.99,
+                looking: true,
+            },
+            T0 + 5.0,
+        )];
+        let mut follower = Search::new(
+            &config(2, None),
+            peer(5),
+            "grads.0b".into(),
+            request(T0 + 5.0),
+            [0; 32],
+            known,
+            T0,
+        );
+        let _ = drain(&mut follower);
+        follower.on_leader_message(0, MessageFromLeader::code(MessageCode::Accepted), T0 + 0.1);
+        let _ = drain(&mut follower);
+        follower
+    };
+    let mut follower = follower_with_leader();
+    assert_eq!(
+        follower.next_timeout(),
+        Some(T0 + 6.0),
+        "its declared time plus request_timeout"
+    );
+    follower.on_timeout(T0 + 5.0);
+    assert!(!follower.is_finished(), "the leader's answer may still come");
+    assert!(drain(&mut follower).is_empty());
+    let group = MessageFromLeader {
+        code: MessageCode::BeginAllreduce,
+        group_id: Some([4; 32]),
+        suggested_leader: None,
+        members: vec![peer(9), peer(5)],
+        gathered: vec![Bytes::new(), Bytes::new()],
+    };
+    follower.on_leader_message(0, group, T0 + 5.2);
+    assert!(matches!(
+        drain(&mut follower).last(),
+        Some(Action::Finished(Ok(g))) if g.group_id == [4; 32]
+    ));
+
+    // A leader that never answers: the follower gives up at the request's expiry, not later.
+    let mut follower = follower_with_leader();
+    follower.on_timeout(T0 + 5.0);
+    assert!(!follower.is_finished());
+    follower.on_timeout(T0 + 6.0);
+    let actions = drain(&mut follower);
+    assert!(actions.contains(&Action::AbandonRequest { request_id: 0 }));
+    assert!(matches!(
+        actions.last(),
+        Some(Action::Finished(Err(MatchmakingError::NoGroup { .. })))
+    ));
+    assert_eq!(follower.next_timeout(), None);
+}
