@@ -52,10 +52,12 @@ pub struct SoakConfig {
     pub catch_up_within: Duration,
     /// Seed of the kill schedule and the choice of peers.
     pub seed: u64,
-    /// The swarm's samples per epoch. With the small task's model and batches, 8 peers on two cores
-    /// compute about 30,000 samples a second: 65,536 make epochs of about 2 s (real runs have epochs of tens
-    /// of seconds). The stall rule counts in epoch-times, and a kill costs the swarm seconds whatever the
-    /// epoch (see docs/benchmarks.md), so epochs much shorter than that would measure the task, not Colony.
+    /// The swarm's samples per epoch. With the small task's model and batches, 8 peers on this 2-core
+    /// machine compute about 90,000 samples a second: 196,608 make epochs of about 2 s (real runs have
+    /// epochs of tens of seconds). The stall rule counts in epoch-times, and a kill or a partition's heal
+    /// costs the swarm a second or two whatever the epoch (timeouts in seconds; see docs/benchmarks.md), so
+    /// much shorter epochs would measure the task, not Colony: with 65,536 (0.7 s epochs) the heal of the
+    /// partition stalled 2.2 s = 3.0 epoch-times.
     pub target_batch_size: u64,
     /// Extra flags for every trainer.
     pub trainer_args: Vec<String>,
@@ -76,7 +78,7 @@ impl SoakConfig {
             warm_up: Duration::from_secs(120),
             catch_up_within: Duration::from_secs(60),
             seed,
-            target_batch_size: 65536,
+            target_batch_size: 196_608,
             trainer_args: Vec::new(),
         }
     }
