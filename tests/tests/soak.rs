@@ -5,7 +5,7 @@
 
 use colony_tests::soak::{SoakConfig, run};
 
-/// In the default run (CI): about 2.5 minutes on this 2-core machine.
+/// In the default run (CI): 124–126 s on this 2-core machine (docs/benchmarks.md, `soak`).
 #[test]
 fn the_swarm_trains_through_kills_restarts_and_a_partition() {
     let seed = std::env::var("COLONY_SOAK_SEED")

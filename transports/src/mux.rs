@@ -781,8 +781,7 @@ impl BufferPool {
     fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
         let mut free = self.free.lock().expect("buffer pool poisoned");
-        let pooled: usize = free.iter().map(Vec::capacity).sum();
-        if free.len() < MAX_POOLED_BUFFERS && pooled + buf.capacity() <= MAX_POOLED_BYTES {
+        if free.len() < MAX_POOLED_BUFFERS && capacity_of(&free) + buf.capacity() <= MAX_POOLED_BYTES {
             free.push(buf);
         }
     }
@@ -790,8 +789,13 @@ impl BufferPool {
     #[cfg(test)]
     fn pooled(&self) -> (usize, usize) {
         let free = self.free.lock().expect("buffer pool poisoned");
-        (free.len(), free.iter().map(Vec::capacity).sum())
+        (free.len(), capacity_of(&free))
     }
+}
+
+/// The bytes the buffers of a pool hold (their capacities).
+fn capacity_of(buffers: &[Vec<u8>]) -> usize {
+    buffers.iter().map(Vec::capacity).sum()
 }
 
 /// A payload buffer on loan from a [`BufferPool`].

@@ -752,48 +752,54 @@ fn a_follower_asks_the_earliest_leader_below_itself_and_follows_suggestions() {
     );
     assert_eq!(asked(&mut follower), vec![(3, peer(6))]);
     follower.on_leader_message(3, MessageFromLeader::code(MessageCode::Accepted), T0 + 0.5);
-    let group = MessageFromLeader {
-        code: MessageCode::BeginAllreduce,
-        group_id: Some([3; 32]),
-        suggested_leader: None,
-        members: vec![peer(5), peer(6)],
-        gathered: vec![Bytes::new(), Bytes::new()],
-    };
-    follower.on_leader_message(3, group, T0 + 0.6);
+    follower.on_leader_message(3, begin([3; 32], vec![peer(5), peer(6)]), T0 + 0.6);
     let actions = drain(&mut follower);
     assert!(
         matches!(actions.last(), Some(Action::Finished(Ok(g))) if g.group_id == [3; 32] && g.group_key == "grads.0b")
     );
 }
 
-#[test]
-fn a_group_that_does_not_name_the_follower_is_refused() {
+/// A leader's `BeginAllreduce` for `members`, with nothing gathered.
+fn begin(group_id: [u8; 32], members: Vec<PeerId>) -> MessageFromLeader {
+    MessageFromLeader {
+        code: MessageCode::BeginAllreduce,
+        group_id: Some(group_id),
+        suggested_leader: None,
+        gathered: vec![Bytes::new(); members.len()],
+        members,
+    }
+}
+
+/// Peer 5 looking until `deadline`, knowing one leader, peer 9 (declared at `leader_declared`), which
+/// accepted its request (id 0) at T0 + 0.1. Its actions so far are drained.
+fn follower_accepted_by_peer_9(leader_declared: Time, deadline: Time) -> Search {
     let known = vec![(
         peer(9),
         Declaration {
-            expiration: T0 + 2.0,
+            expiration: leader_declared,
             looking: true,
         },
-        T0 + 3.0,
+        leader_declared + 1.0,
     )];
     let mut follower = Search::new(
         &config(2, None),
         peer(5),
         "grads.0b".into(),
-        request(T0 + 30.0),
+        request(deadline),
         [0; 32],
         known,
         T0,
     );
     let _ = drain(&mut follower);
     follower.on_leader_message(0, MessageFromLeader::code(MessageCode::Accepted), T0 + 0.1);
-    let bogus = MessageFromLeader {
-        code: MessageCode::BeginAllreduce,
-        group_id: Some([3; 32]),
-        suggested_leader: None,
-        members: vec![peer(9), peer(6)],
-        gathered: vec![Bytes::new(), Bytes::new()],
-    };
+    let _ = drain(&mut follower);
+    follower
+}
+
+#[test]
+fn a_group_that_does_not_name_the_follower_is_refused() {
+    let mut follower = follower_accepted_by_peer_9(T0 + 2.0, T0 + 30.0);
+    let bogus = begin([3; 32], vec![peer(9), peer(6)]);
     follower.on_leader_message(0, bogus, T0 + 0.2);
     assert!(!follower.is_finished());
     assert!(drain(&mut follower).contains(&Action::AbandonRequest { request_id: 0 }));
@@ -1102,30 +1108,7 @@ fn peers_with_different_schemas_never_group() {
 fn an_accepted_follower_waits_for_its_leader_past_the_deadline_up_to_the_request_timeout() {
     // The leader declared a moment before the follower, whose declaration is capped at its deadline: the
     // leader's group can reach the follower just after that deadline.
-    let follower_with_leader = || {
-        let known = vec![(
-            peer(9),
-            Declaration {
-                expiration: T0 + 4.99,
-                looking: true,
-            },
-            T0 + 5.0,
-        )];
-        let mut follower = Search::new(
-            &config(2, None),
-            peer(5),
-            "grads.0b".into(),
-            request(T0 + 5.0),
-            [0; 32],
-            known,
-            T0,
-        );
-        let _ = drain(&mut follower);
-        follower.on_leader_message(0, MessageFromLeader::code(MessageCode::Accepted), T0 + 0.1);
-        let _ = drain(&mut follower);
-        follower
-    };
-    let mut follower = follower_with_leader();
+    let mut follower = follower_accepted_by_peer_9(T0 + 4.99, T0 + 5.0);
     assert_eq!(
         follower.next_timeout(),
         Some(T0 + 6.0),
@@ -1134,21 +1117,14 @@ fn an_accepted_follower_waits_for_its_leader_past_the_deadline_up_to_the_request
     follower.on_timeout(T0 + 5.0);
     assert!(!follower.is_finished(), "the leader's answer may still come");
     assert!(drain(&mut follower).is_empty());
-    let group = MessageFromLeader {
-        code: MessageCode::BeginAllreduce,
-        group_id: Some([4; 32]),
-        suggested_leader: None,
-        members: vec![peer(9), peer(5)],
-        gathered: vec![Bytes::new(), Bytes::new()],
-    };
-    follower.on_leader_message(0, group, T0 + 5.2);
+    follower.on_leader_message(0, begin([4; 32], vec![peer(9), peer(5)]), T0 + 5.2);
     assert!(matches!(
         drain(&mut follower).last(),
         Some(Action::Finished(Ok(g))) if g.group_id == [4; 32]
     ));
 
     // A leader that never answers: the follower gives up at the request's expiry, not later.
-    let mut follower = follower_with_leader();
+    let mut follower = follower_accepted_by_peer_9(T0 + 4.99, T0 + 5.0);
     follower.on_timeout(T0 + 5.0);
     assert!(!follower.is_finished());
     follower.on_timeout(T0 + 6.0);
