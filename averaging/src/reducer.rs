@@ -9,12 +9,15 @@
 //! A sender that fails keeps its contribution to the parts it already delivered and is no longer waited
 //! for, so one slow peer cannot stall the round. Each part has one accumulator, allocated on its first
 //! contribution and released when the part is handed out, so memory stays near one shard even when senders
-//! run at different speeds. Values are accumulated in `f32`: a part is the sum of a few senders, and the
+//! run at different speeds; with a [`SumPool`] the caller gives averages back once it has sent them, and the
+//! next parts sum into those warm buffers instead of fresh memory. Values are accumulated in `f32`: a part is the sum of a few senders, and the
 //! summing loop is bound by memory bandwidth on multi-megabyte shards, which `f64` would halve.
 //!
 //! With [`Aggregation::CenteredClip`] a part's accumulator holds every sender's copy instead of a running
 //! sum (the robust centre needs them all at once), so a part in flight costs the group size times the part
 //! size until it is handed out; the rules for order, bans and zero weights are the same.
+
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
@@ -159,6 +162,8 @@ pub struct PartReducer {
     accumulators: Vec<Option<Accumulator>>,
     next_out: usize,
     aggregation: Aggregation,
+    /// Where sums come from, when the caller recycles averages.
+    pool: Option<Arc<SumPool>>,
 }
 
 impl PartReducer {
@@ -191,7 +196,16 @@ impl PartReducer {
             accumulators: std::iter::repeat_with(|| None).take(num_parts).collect(),
             next_out: 0,
             aggregation: Aggregation::Mean,
+            pool: None,
         }
+    }
+
+    /// Takes the buffers of new sums from `pool`: a caller that gives every average back to it
+    /// ([`SumPool::give`]) lets the parts of a round reuse a few warm buffers instead of allocating one per
+    /// part.
+    pub fn with_pool(mut self, pool: Arc<SumPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// [`new`](Self::new) with `aggregation` instead of the mean; refuses an invalid one
@@ -258,11 +272,12 @@ impl PartReducer {
         }
         match slot {
             None | Some(Accumulator::Copies(_)) => {
-                let sum = if weight > 0.0 {
-                    values.iter().map(|&x| weight * x).collect()
+                let mut sum = self.pool.as_ref().map_or_else(Vec::new, |pool| pool.take(values.len()));
+                if weight > 0.0 {
+                    sum.extend(values.iter().map(|&x| weight * x));
                 } else {
-                    values.to_vec()
-                };
+                    sum.extend_from_slice(values);
+                }
                 *slot = Some(Accumulator::Sum(RunningSum {
                     sum,
                     weighted: weight > 0.0,
@@ -447,6 +462,53 @@ impl PartReducer {
     /// Parts received from `sender` so far (0 for an unknown sender): the next part it must send.
     pub fn delivered(&self, sender: usize) -> usize {
         self.delivered.get(sender).copied().unwrap_or(0)
+    }
+}
+
+/// Spare buffers for part sums, shared by a reducer and whoever drops its averages. Holds at most `limit`
+/// buffers; a buffer given back beyond that is freed.
+#[derive(Debug)]
+pub struct SumPool {
+    free: Mutex<Vec<Vec<f32>>>,
+    limit: usize,
+}
+
+impl SumPool {
+    /// A pool that keeps at most `limit` buffers.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+            limit,
+        }
+    }
+
+    /// An empty buffer with room for `len` values: the smallest spare that fits, else a new one.
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, buffer)| buffer.capacity() >= len)
+            .min_by_key(|(_, buffer)| buffer.capacity())
+            .map(|(index, _)| index);
+        match best {
+            Some(index) => free.swap_remove(index),
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Gives `buffer` back for a later sum.
+    pub fn give(&self, mut buffer: Vec<f32>) {
+        buffer.clear();
+        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if free.len() < self.limit && buffer.capacity() > 0 {
+            free.push(buffer);
+        }
+    }
+
+    /// Buffers held.
+    pub fn spare(&self) -> usize {
+        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
     }
 }
 
@@ -805,6 +867,37 @@ mod tests {
         }
         let average = reducer.next_completed().unwrap().average.unwrap();
         assert!((average[0] - 3.0).abs() < 1e-6, "{average:?}");
+    }
+
+    #[test]
+    fn sums_come_from_the_pool_and_averages_go_back_to_it_within_its_limit() {
+        let pool = Arc::new(SumPool::new(2));
+        for capacity in [8, 3, 5] {
+            pool.give(Vec::with_capacity(capacity));
+        }
+        assert_eq!(pool.spare(), 2, "the third buffer is beyond the limit and freed");
+        let mut reducer = PartReducer::new(vec![4, 4], vec![1.0, 3.0]).with_pool(pool.clone());
+        reducer.accumulate(0, 0, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert_eq!(
+            pool.spare(),
+            1,
+            "the sum of part 0 took the buffer of 8 (the one of 3 is too small)"
+        );
+        reducer.accumulate(1, 0, &[5.0, 6.0, 7.0, 8.0]).unwrap();
+        let average = reducer.next_completed().unwrap().average.unwrap();
+        assert_eq!(average, vec![4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(average.capacity(), 8, "the sum was built in the pooled buffer");
+        pool.give(average);
+        let eight = pool.take(4);
+        assert_eq!(eight.capacity(), 8, "the only spare that fits 4 values");
+        pool.give(Vec::with_capacity(6));
+        pool.give(eight);
+        assert_eq!(pool.spare(), 2);
+        assert_eq!(pool.take(4).capacity(), 6, "the smallest spare that fits");
+        reducer.accumulate(0, 1, &[2.0; 4]).unwrap();
+        reducer.accumulate(1, 1, &[2.0; 4]).unwrap();
+        assert_eq!(reducer.next_completed().unwrap().average, Some(vec![2.0; 4]));
+        assert_eq!(pool.take(100).capacity(), 100, "no spare fits 100 values: a new buffer");
     }
 
     #[test]

@@ -293,6 +293,63 @@ async fn every_combination_of_clients_and_auxiliaries_holds_the_mean_on_tcp() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_averages_in_the_callers_buffer_and_reuses_the_sums_of_earlier_parts() {
+    let peers = peers(4, Net::Tcp, Duration::from_secs(5)).await;
+    let modes = [PeerMode::Node; 4];
+    let weights = [1.0; 4];
+    let layout = Arc::new(TensorLayout::new(vec![TensorInfo::new("w", [64 * 1024])]).unwrap());
+    let mut rng = Rng(2026);
+    let inputs: Vec<Vec<f32>> = (0..4).map(|_| (0..64 * 1024).map(|_| rng.normal()).collect()).collect();
+    let expected = weighted_mean(&inputs, &weights, &[true; 4]);
+    let config = AllReduceConfig {
+        codecs: CodecPolicy::Fixed(Codec::None),
+        part_size_bytes: 4096, // 16 parts per reducer, each sent as a payload borrowing the buffer
+        ..AllReduceConfig::default()
+    };
+    for round in 0..2u8 {
+        let plan = plan(&peers, &modes, &weights, 200 + round);
+        let mut handles = Vec::new();
+        for (peer, input) in peers.iter().zip(&inputs) {
+            let tensors = FlatTensors::new(layout.clone(), input.clone()).unwrap();
+            let address = tensors.as_slice().as_ptr() as usize;
+            let run = allreduce::start(
+                &peer.service,
+                peer.endpoint.connector(),
+                plan.clone(),
+                peer.id(),
+                layout.clone(),
+                Some(tensors),
+                config.clone(),
+            )
+            .unwrap();
+            handles.push((address, tokio::spawn(run.finish())));
+        }
+        for (index, (address, handle)) in handles.into_iter().enumerate() {
+            let outcome = handle.await.unwrap().unwrap();
+            assert_eq!(
+                outcome.report.parts_averaged, outcome.report.parts,
+                "round {round}, peer {index}"
+            );
+            let values = outcome.tensors.expect("a node gets its tensors back");
+            assert_eq!(
+                values.as_slice().as_ptr() as usize,
+                address,
+                "round {round}, peer {index}: the result is not in the caller's buffer"
+            );
+            let diff = max_diff(values.as_slice(), &expected);
+            assert!(diff < 1e-6, "round {round}, peer {index} is off by {diff}");
+        }
+        for (index, peer) in peers.iter().enumerate() {
+            let spare = peer.service.spare_sum_buffers();
+            assert!(
+                (1..=ServiceConfig::default().spare_sum_buffers).contains(&spare),
+                "round {round}, peer {index}: {spare} spare sum buffers"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_means_with_two_clients() {
     let peers = peers(4, Net::Mem, Duration::from_secs(5)).await;
     let mut rng = Rng(99);

@@ -26,8 +26,13 @@
 //!
 //! Results are delivered tensor by tensor, in order, as soon as all parts of a tensor are in
 //! ([`AllReduceRun::next_tensor`]); [`AllReduceRun::finish`] returns the whole averaged buffer and a
-//! [`Report`] of what failed.
+//! [`Report`] of what failed. The round averages in place: each part's result is written over the part in
+//! the buffer the caller gave to [`start`], and that same buffer comes back (a copy only when a payload of
+//! it is still queued on a broken connection when the round ends). The sums of the parts this peer reduces
+//! reuse the [`AllReduceService`]'s spare buffers ([`ServiceConfig::spare_sum_buffers`]), so a round does
+//! not fault in fresh memory of the vector's size.
 
+mod buffer;
 mod messages;
 mod run;
 mod service;
@@ -200,7 +205,8 @@ pub struct Report {
 /// The result of a round: the averaged tensors (none for an auxiliary peer) and the report.
 #[derive(Debug)]
 pub struct Outcome {
-    /// Averaged values (local values where a reducer failed); `None` for an auxiliary peer.
+    /// Averaged values (local values where a reducer failed), in the buffer the caller gave to [`start`];
+    /// `None` for an auxiliary peer.
     pub tensors: Option<FlatTensors>,
     /// What happened.
     pub report: Report,

@@ -13,13 +13,14 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::buffer::RoundBuffer;
 use super::messages::{Refusal, ToReducer, ToSender};
 use super::service::{AllReduceService, IncomingPart, Registration, refuse};
 use super::{AllReduceConfig, AllReduceError, Fault, GroupPlan, Outcome, PeerMode, Report, protocol};
 use crate::codec::{Codec, CodecError};
 use crate::net::Connector;
 use crate::partition::{PartitionPlan, values_per_part};
-use crate::reducer::{PartReducer, ReducerError};
+use crate::reducer::{PartReducer, ReducerError, SumPool};
 use crate::tensor::{FlatTensors, TensorLayout};
 
 /// A tensor whose every part is in: its averaged values (local values where a reducer failed).
@@ -72,7 +73,7 @@ enum PartUpdate {
     /// The part's average, uncompressed little-endian f32 checked finite, as received.
     RawAverage { part: usize, bytes: Bytes },
     /// The part's average (this peer reduced it).
-    Average { part: usize, values: Arc<Vec<f32>> },
+    Average { part: usize, values: Arc<Average> },
 }
 
 /// Everything the tasks of a run share, immutable.
@@ -83,10 +84,12 @@ struct RunContext {
     layout: Arc<TensorLayout>,
     codecs: Vec<Codec>,
     config: AllReduceConfig,
-    /// This peer's values (senders only).
-    local: Option<Arc<Vec<f32>>>,
+    /// This peer's values, averaged in place (senders only).
+    local: Option<Arc<RoundBuffer>>,
     /// Member index → sender slot (auxiliaries send nothing).
     sender_slot: Vec<Option<usize>>,
+    /// The service's spare buffers for the sums of the parts this peer reduces.
+    sums: Arc<SumPool>,
 }
 
 impl RunContext {
@@ -135,7 +138,7 @@ pub fn start(
             if **tensors.layout() != *layout {
                 return Err(AllReduceError::BadInput("gave tensors of another layout".into()));
             }
-            Some(Arc::new(tensors.into_vec()))
+            Some(tensors.into_vec())
         }
     };
     let codecs: Vec<Codec> = layout.tensors().iter().map(|t| config.codecs.codec_for(t)).collect();
@@ -143,6 +146,7 @@ pub fn start(
         values_per_part(config.part_size_bytes, codecs[index].bytes_per_value())
     };
     let partition = PartitionPlan::new(&layout, part_values, &plan.effective_shares())?;
+    let local = local.map(|values| Arc::new(RoundBuffer::new(values, partition.parts().len())));
     let mut slots = 0;
     let sender_slot = plan
         .members
@@ -181,6 +185,7 @@ pub fn start(
         config,
         local,
         sender_slot,
+        sums: service.sum_pool(),
     });
     let driver = tokio::spawn(async move {
         let mut guard = CancelGuard(registration.take());
@@ -251,8 +256,30 @@ async fn drive(
             }
         };
         let collecting = async {
-            while let Some(update) = update_receiver.recv().await {
-                collector.apply(&context, update);
+            loop {
+                let Some(buffer) = context.local.as_ref().filter(|_| collector.has_deferred()) else {
+                    match update_receiver.recv().await {
+                        Some(update) => collector.apply(update),
+                        None => break,
+                    }
+                    continue;
+                };
+                // A result waits for its part's payload to leave: retry when a lease ends (listening before
+                // the retry, so an end in between is not missed).
+                let released = buffer.released();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                collector.retry_deferred();
+                if !collector.has_deferred() {
+                    continue;
+                }
+                tokio::select! {
+                    update = update_receiver.recv() => match update {
+                        Some(update) => collector.apply(update),
+                        None => break,
+                    },
+                    () = released => {}
+                }
             }
         };
         let joining = async {
@@ -291,22 +318,41 @@ async fn drive(
         }
         Err(_) => true,
     };
-    report.parts_averaged = collector.averaged;
-    collector.flush_remaining(&context);
     if timed_out && context.local.is_none() {
         return Err(AllReduceError::Timeout(context.config.allreduce_timeout));
     }
     report.timed_out = timed_out;
-    let tensors = collector
-        .output
-        .map(|values| FlatTensors::new(context.layout.clone(), values).expect("the output keeps the layout's length"));
+    // Every task of the run ends here (tasks still running after a timeout are aborted); then the buffer
+    // comes back, and results still waiting for their payload to leave are written into it.
+    drop(tasks);
+    let layout = context.layout.clone();
+    let buffer = collector.buffer.take();
+    drop(context);
+    let tensors = match buffer {
+        Some(buffer) => {
+            let mut values = RoundBuffer::into_vec(buffer, BUFFER_RETURN_WAIT).await;
+            collector.finish(&mut values);
+            Some(FlatTensors::new(layout, values).expect("the buffer keeps the layout's length"))
+        }
+        None => None,
+    };
+    report.parts_averaged = collector.averaged;
     Ok(Outcome { tensors, report })
 }
 
-/// Assembles this peer's output and hands out tensors in order as they complete.
+/// How long the end of a round waits for the transport to drop the payloads it has written before it
+/// returns a copy of the buffer instead of the caller's own.
+const BUFFER_RETURN_WAIT: Duration = Duration::from_secs(1);
+
+/// Writes each part's result over this peer's values and hands out tensors in order as they complete.
 struct Collector {
-    output: Option<Vec<f32>>,
+    /// This peer's values (none for an auxiliary), written in place.
+    buffer: Option<Arc<RoundBuffer>>,
+    /// Per part: its range of values and its tensor.
+    parts: Vec<(Range<usize>, usize)>,
     done: Vec<bool>,
+    /// Results whose part was still leased to an outgoing payload when they arrived.
+    deferred: Vec<PartUpdate>,
     remaining_by_tensor: Vec<usize>,
     next_tensor: usize,
     averaged: usize,
@@ -317,11 +363,12 @@ struct Collector {
 impl Collector {
     fn new(context: &RunContext, tensors: mpsc::UnboundedSender<TensorReady>) -> Self {
         let count = context.layout.len();
+        let parts = context.partition.parts();
         let mut collector = Self {
-            // Zeroed memory comes from the allocator untouched; each part is written once, from its result
-            // (or from the local values when it has none), so the input is never copied whole.
-            output: context.local.as_ref().map(|local| vec![0.0; local.len()]),
-            done: vec![false; context.partition.parts().len()],
+            buffer: context.local.clone(),
+            parts: parts.iter().map(|p| (p.range.clone(), p.tensor)).collect(),
+            done: vec![false; parts.len()],
+            deferred: Vec::new(),
             remaining_by_tensor: (0..count).map(|t| context.partition.parts_of_tensor(t).len()).collect(),
             next_tensor: 0,
             averaged: 0,
@@ -332,69 +379,104 @@ impl Collector {
         collector
     }
 
-    fn apply(&mut self, context: &RunContext, update: PartUpdate) {
-        let part = match &update {
-            PartUpdate::Delta { part, .. } | PartUpdate::RawAverage { part, .. } | PartUpdate::Average { part, .. } => {
-                *part
-            }
-        };
+    fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Writes `update` over its part, or defers it while the part's payload is still on its way out.
+    fn apply(&mut self, update: PartUpdate) {
+        let part = update.part();
         if self.done[part] {
             return;
         }
-        let range = context.part_range(part);
-        if let (Some(output), Some(local)) = (self.output.as_mut(), context.local.as_ref()) {
-            let local = &local[range.clone()];
-            let target = &mut output[range];
-            match &update {
-                PartUpdate::Delta { values, .. } => {
-                    for ((out, own), delta) in target.iter_mut().zip(local).zip(values) {
-                        *out = own + delta;
-                    }
-                }
-                PartUpdate::RawAverage { bytes, .. } => {
-                    for (out, average) in target.iter_mut().zip(bytes.chunks_exact(4)) {
-                        *out = f32::from_le_bytes([average[0], average[1], average[2], average[3]]);
-                    }
-                }
-                PartUpdate::Average { values, .. } => target.copy_from_slice(values),
+        if let Some(buffer) = &self.buffer {
+            if buffer.leased(part) {
+                self.deferred.push(update);
+                return;
             }
+            // SAFETY: the collector is the only writer; the part's result is in, so its sender or reducer
+            // has read it for the last time, and no payload borrows it (checked just above; a part is
+            // leased only before it is sent, never after its result arrived).
+            let target = unsafe { buffer.write(self.parts[part].0.clone()) };
+            update.write_over(target);
         }
-        self.done[part] = true;
-        self.averaged += 1;
-        self.remaining_by_tensor[context.partition.parts()[part].tensor] -= 1;
+        self.complete(part);
         self.hand_out();
     }
 
+    fn retry_deferred(&mut self) {
+        for update in std::mem::take(&mut self.deferred) {
+            self.apply(update);
+        }
+    }
+
+    fn complete(&mut self, part: usize) {
+        self.done[part] = true;
+        self.averaged += 1;
+        self.remaining_by_tensor[self.parts[part].1] -= 1;
+    }
+
     fn hand_out(&mut self) {
-        let Some(output) = self.output.as_ref() else { return };
+        let Some(buffer) = self.buffer.clone() else { return };
         if self.tensors.is_closed() {
             // Nobody takes tensors one by one (the owner waits for the whole buffer): skip the copies.
             return;
         }
         while self.next_tensor < self.remaining_by_tensor.len() && self.remaining_by_tensor[self.next_tensor] == 0 {
             let index = self.next_tensor;
-            let _ = self.tensors.send(TensorReady {
-                index,
-                values: output[self.ranges[index].clone()].to_vec(),
-            });
+            // SAFETY: every part of the tensor is complete: only the collector (this) wrote them, and
+            // nobody writes them any more.
+            let values = unsafe { buffer.read(self.ranges[index].clone()) }.to_vec();
+            let _ = self.tensors.send(TensorReady { index, values });
             self.next_tensor += 1;
         }
     }
 
-    /// Parts that never got a result keep local values; hand out what is left.
-    fn flush_remaining(&mut self, context: &RunContext) {
-        if let (Some(output), Some(local)) = (self.output.as_mut(), context.local.as_ref()) {
-            for (part, done) in self.done.iter().enumerate() {
-                if !done {
-                    let range = context.part_range(part);
-                    output[range.clone()].copy_from_slice(&local[range]);
-                }
+    /// With the round's buffer back: writes the deferred results into it, and hands out what is left (parts
+    /// without a result keep this peer's values, which are already there).
+    fn finish(&mut self, values: &mut [f32]) {
+        for update in std::mem::take(&mut self.deferred) {
+            let part = update.part();
+            if !self.done[part] {
+                update.write_over(&mut values[self.parts[part].0.clone()]);
+                self.complete(part);
             }
         }
-        for remaining in &mut self.remaining_by_tensor {
-            *remaining = 0;
+        if self.tensors.is_closed() {
+            return;
         }
-        self.hand_out();
+        for index in self.next_tensor..self.ranges.len() {
+            let _ = self.tensors.send(TensorReady {
+                index,
+                values: values[self.ranges[index].clone()].to_vec(),
+            });
+        }
+        self.next_tensor = self.ranges.len();
+    }
+}
+
+impl PartUpdate {
+    fn part(&self) -> usize {
+        match self {
+            Self::Delta { part, .. } | Self::RawAverage { part, .. } | Self::Average { part, .. } => *part,
+        }
+    }
+
+    /// Writes the result over `target`, which holds this peer's values of the part.
+    fn write_over(&self, target: &mut [f32]) {
+        match self {
+            Self::Delta { values, .. } => {
+                for (value, delta) in target.iter_mut().zip(values) {
+                    *value += delta;
+                }
+            }
+            Self::RawAverage { bytes, .. } => {
+                for (value, average) in target.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *value = f32::from_le_bytes([average[0], average[1], average[2], average[3]]);
+                }
+            }
+            Self::Average { values, .. } => target.copy_from_slice(values),
+        }
     }
 }
 
@@ -530,7 +612,7 @@ async fn send_parts(
     let mut sent = 0;
     for part in parts {
         let codec = context.part_codec(part);
-        let payload = encode_part(codec, local, context.part_range(part), context.row_len(part));
+        let payload = encode_local_part(codec, local, part, context.part_range(part), context.row_len(part));
         let message = ToReducer::Part {
             index: part as u64,
             codec: codec.id(),
@@ -619,9 +701,32 @@ async fn receive_results(
     Ok(())
 }
 
+/// A part's average as this peer reduced it; its buffer goes back to the pool once every sender's copy
+/// of it has been written out.
+struct Average {
+    values: Vec<f32>,
+    pool: Arc<SumPool>,
+}
+
+impl std::ops::Deref for Average {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.values
+    }
+}
+
+impl Drop for Average {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.values));
+    }
+}
+
 /// The reducing side's shared state.
 struct ReducerCore {
     reducer: PartReducer,
+    /// Where the reducer's sums come from and its averages return.
+    pool: Arc<SumPool>,
     /// First global part index this peer reduces.
     first: usize,
     /// Per sender slot: its parts (local index → values, codec) waiting for their average.
@@ -640,7 +745,7 @@ struct ReducerCore {
 
 struct Reply {
     part: usize,
-    average: Arc<Vec<f32>>,
+    average: Arc<Average>,
     own: Received,
     codec: Codec,
 }
@@ -673,8 +778,11 @@ impl ReducerCore {
                 self.clipped += reduced.clipped;
                 metrics::counter!("colony_allreduce_clipped_copies_total").increment(reduced.clipped as u64);
             }
-            let Some(average) = reduced.average else { continue };
-            let average = Arc::new(average);
+            let Some(values) = reduced.average else { continue };
+            let average = Arc::new(Average {
+                values,
+                pool: self.pool.clone(),
+            });
             if self.own_slot.is_some() {
                 let _ = updates.send(PartUpdate::Average {
                     part,
@@ -749,9 +857,11 @@ async fn reduce_own_parts(
     let senders = weights.len();
     let own_slot = context.sender_slot[context.me];
     let reducer = PartReducer::with_aggregation(part_lens, weights, context.config.aggregation)
-        .expect("start validated the aggregation (invariant of start)");
+        .expect("start validated the aggregation (invariant of start)")
+        .with_pool(context.sums.clone());
     let core = Arc::new(Mutex::new(ReducerCore {
         reducer,
+        pool: context.sums.clone(),
         first: own_parts.start,
         pending: (0..senders).map(|_| HashMap::new()).collect(),
         writers: (0..senders).map(|_| None).collect(),
@@ -765,7 +875,10 @@ async fn reduce_own_parts(
         let mut core = lock(&core);
         core.started[slot] = true;
         for (index, part) in own_parts.clone().enumerate() {
-            if let Err(error) = core.reducer.accumulate(slot, index, &local[context.part_range(part)]) {
+            // SAFETY: nothing writes a part this peer reduces before its average exists, which needs this
+            // contribution first (or the ban below).
+            let own = unsafe { local.read(context.part_range(part)) };
+            if let Err(error) = core.reducer.accumulate(slot, index, own) {
                 tracing::warn!(%error, "all-reduce: this peer's own values were refused; dropping them");
                 if matches!(error, ReducerError::NonFinite { .. }) {
                     core.non_finite += 1;
@@ -990,7 +1103,7 @@ async fn write_results(
 
 /// Encodes a part of `values`. Uncompressed parts on a little-endian machine are the values' own bytes:
 /// the frame carries them without a copy.
-fn encode_part(codec: Codec, values: &Arc<Vec<f32>>, range: Range<usize>, row_len: usize) -> Bytes {
+fn encode_part(codec: Codec, values: &Arc<Average>, range: Range<usize>, row_len: usize) -> Bytes {
     if codec == Codec::None && cfg!(target_endian = "little") {
         Bytes::from_owner(F32Bytes(values.clone(), range))
     } else {
@@ -998,8 +1111,25 @@ fn encode_part(codec: Codec, values: &Arc<Vec<f32>>, range: Range<usize>, row_le
     }
 }
 
+/// Encodes part `part` (values `range`) of this peer's buffer. Uncompressed on a little-endian machine, the
+/// payload is the buffer's own bytes, leased until the transport has written them.
+fn encode_local_part(
+    codec: Codec,
+    local: &Arc<RoundBuffer>,
+    part: usize,
+    range: Range<usize>,
+    row_len: usize,
+) -> Bytes {
+    if codec == Codec::None && cfg!(target_endian = "little") {
+        local.lease(part, range)
+    } else {
+        // SAFETY: the part's result cannot arrive (and be written) before the part is sent, after this read.
+        Bytes::from(codec.encode(unsafe { local.read(range) }, row_len))
+    }
+}
+
 /// f32 values seen as their little-endian bytes (the `none` codec's wire layout on a little-endian machine).
-struct F32Bytes(Arc<Vec<f32>>, Range<usize>);
+struct F32Bytes(Arc<Average>, Range<usize>);
 
 impl AsRef<[u8]> for F32Bytes {
     fn as_ref(&self) -> &[u8] {

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::GroupId;
 use super::messages::{Refusal, ToReducer, ToSender};
+use crate::reducer::SumPool;
 
 /// The protocol id of the all-reduce streams.
 pub fn protocol() -> ProtocolId {
@@ -29,6 +30,10 @@ pub struct ServiceConfig {
     pub registration_timeout: Duration,
     /// How many ended groups are remembered to refuse late streams at once.
     pub remembered_groups: usize,
+    /// Spare part-sized buffers kept between parts and rounds for the sums this peer reduces (16 by
+    /// default: 8 MiB with 512 KiB parts). A round reuses them instead of faulting in fresh memory for
+    /// every part; 0 allocates every sum afresh.
+    pub spare_sum_buffers: usize,
 }
 
 impl Default for ServiceConfig {
@@ -36,6 +41,7 @@ impl Default for ServiceConfig {
         Self {
             registration_timeout: Duration::from_secs(5),
             remembered_groups: 256,
+            spare_sum_buffers: 16,
         }
     }
 }
@@ -57,6 +63,7 @@ struct Inner {
     groups: Mutex<HashMap<GroupId, Entry>>,
     ended: Mutex<VecDeque<GroupId>>,
     registered: Notify,
+    sums: Arc<SumPool>,
 }
 
 /// Serves `/colony/allreduce/1` on a [`Router`] and routes each stream to its group's run. One per peer;
@@ -75,6 +82,7 @@ impl AllReduceService {
                 groups: Mutex::new(HashMap::new()),
                 ended: Mutex::new(VecDeque::new()),
                 registered: Notify::new(),
+                sums: Arc::new(SumPool::new(config.spare_sum_buffers)),
             }),
         }
     }
@@ -105,6 +113,16 @@ impl AllReduceService {
     /// Marks `group` as cancelled here without a run: its senders are refused at once.
     pub fn refuse_group(&self, group: GroupId) {
         self.inner.end(group, Refusal::Cancelled);
+    }
+
+    /// The spare buffers of this peer's part sums, shared by its runs.
+    pub(crate) fn sum_pool(&self) -> Arc<SumPool> {
+        self.inner.sums.clone()
+    }
+
+    /// Spare buffers held for the sums of later parts (at most [`ServiceConfig::spare_sum_buffers`]).
+    pub fn spare_sum_buffers(&self) -> usize {
+        self.inner.sums.spare()
     }
 
     /// Number of groups with a live run here.
