@@ -513,7 +513,7 @@ impl SumPool {
 }
 
 /// Whether no value is NaN or infinite. Checks a block at a time so the compiler can vectorise the test.
-fn all_finite(values: &[f32]) -> bool {
+pub(crate) fn all_finite(values: &[f32]) -> bool {
     let mut blocks = values.chunks_exact(64);
     for block in &mut blocks {
         let mut finite = true;

@@ -20,7 +20,7 @@ use super::{AllReduceConfig, AllReduceError, Fault, GroupPlan, Outcome, PeerMode
 use crate::codec::{Codec, CodecError};
 use crate::net::Connector;
 use crate::partition::{PartitionPlan, values_per_part};
-use crate::reducer::{PartReducer, ReducerError, SumPool};
+use crate::reducer::{PartReducer, ReducerError, SumPool, all_finite};
 use crate::tensor::{FlatTensors, TensorLayout};
 
 /// A tensor whose every part is in: its averaged values (local values where a reducer failed).
@@ -470,11 +470,14 @@ impl PartUpdate {
                     *value += delta;
                 }
             }
-            Self::RawAverage { bytes, .. } => {
-                for (value, average) in target.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *value = f32::from_le_bytes([average[0], average[1], average[2], average[3]]);
+            Self::RawAverage { bytes, .. } => match aligned_f32s(bytes) {
+                Some(averages) => target.copy_from_slice(averages),
+                None => {
+                    for (value, average) in target.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *value = f32::from_le_bytes([average[0], average[1], average[2], average[3]]);
+                    }
                 }
-            }
+            },
             Self::Average { values, .. } => target.copy_from_slice(values),
         }
     }
@@ -678,10 +681,20 @@ async fn receive_results(
             if payload.len() != len * 4 {
                 return Err(format!("result of part {part}: {} bytes for {len} values", payload.len()).into());
             }
-            if let Some(at) = payload
-                .chunks_exact(4)
-                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-            {
+            // Received buffers are aligned: check them as f32 a block at a time (vectorised); else per value.
+            let finite = aligned_f32s(&payload).map_or_else(
+                || {
+                    payload
+                        .chunks_exact(4)
+                        .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                },
+                all_finite,
+            );
+            if !finite {
+                let at = payload
+                    .chunks_exact(4)
+                    .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                    .unwrap_or_default();
                 return Err(Failure::non_finite(format!(
                     "result of part {part}: value {at} is not finite"
                 )));
