@@ -285,7 +285,7 @@ impl MembershipActor {
             .swim
             .iter_members()
             .map(Member::id)
-            .filter(|id| id.address.is_some() || pool.get(&id.peer).is_some())
+            .filter(|id| id.address.is_some() || pool.is_connected(&id.peer))
             .collect();
         if candidates.is_empty() {
             return;
@@ -416,7 +416,7 @@ impl Handler<ConnectionLost> for MembershipActor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionLost, ctx: &mut Context<Self>) {
-        if self.left || self.shared.pool.get(&msg.peer).is_some() {
+        if self.left || self.shared.pool.is_connected(&msg.peer) {
             return;
         }
         let Some(member) = self.active_member(&msg.peer) else {

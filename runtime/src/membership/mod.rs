@@ -1095,7 +1095,7 @@ impl MemberConnector {
             let member = members.get(peer);
             (member.is_some(), member.and_then(|member| member.address.clone()))
         };
-        if address.is_none() && self.shared.pool.get(peer).is_none() {
+        if address.is_none() && !self.shared.pool.is_connected(peer) {
             return Err(error(if known {
                 "a client-mode member with no open connection to this peer".into()
             } else {

@@ -111,6 +111,15 @@ impl Pool {
         Some(entry.conn.clone())
     }
 
+    /// Whether a connection to `peer` is open. Unlike [`Pool::get`] it does not count as a use, so asking
+    /// about every member does not keep idle connections open.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.lock()
+            .conns
+            .get(peer)
+            .is_some_and(|entry| entry.conn.close_reason().is_none())
+    }
+
     /// The connection to `peer`, dialing `address` when there is none.
     pub async fn connect(self: &Arc<Self>, peer: PeerId, address: Option<&Address>) -> Result<Connection, String> {
         if let Some(conn) = self.get(&peer) {
@@ -361,6 +370,7 @@ mod tests {
         assert!(c0.close_reason().is_none(), "pinned connections stay");
         assert!(c1.close_reason().is_some(), "the least recently used one is closed");
         assert!(c2.close_reason().is_none());
+        assert!(pool.is_connected(&c2.remote_peer()) && !pool.is_connected(&c1.remote_peer()));
         pool.close("test over");
         assert!(c0.close_reason().is_some() && c2.close_reason().is_some());
         for (_, task) in peers {
@@ -380,6 +390,10 @@ mod tests {
         assert!(pool.get(&second.remote_peer()).unwrap().same_as(&second));
         assert!(first.close_reason().is_none(), "the replaced connection is still open");
         tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(
+            pool.is_connected(&second.remote_peer()),
+            "the newer connection is the one in use"
+        );
         pool.pin(&second.remote_peer());
         pool.sweep();
         assert!(first.close_reason().is_some(), "closed after the idle timeout");
