@@ -1152,3 +1152,103 @@ impl AsRef<[u8]> for F32Bytes {
         unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allreduce::{GroupId, GroupMember};
+    use crate::tensor::TensorInfo;
+
+    /// A run context of one node holding `values` in one tensor cut into parts of `part_values` values.
+    fn context(values: Vec<f32>, part_values: usize) -> RunContext {
+        let layout = Arc::new(TensorLayout::new(vec![TensorInfo::new("t", [values.len()])]).unwrap());
+        let partition = PartitionPlan::new(&layout, |_, _| part_values, &[1.0]).unwrap();
+        let parts = partition.parts().len();
+        RunContext {
+            plan: GroupPlan {
+                group_id: GroupId([0; 32]),
+                members: vec![GroupMember {
+                    peer: colony_transports::Keypair::generate().peer_id(),
+                    mode: PeerMode::Node,
+                    weight: 1.0,
+                    share: 1.0,
+                }],
+            },
+            me: 0,
+            partition,
+            layout,
+            codecs: vec![Codec::None],
+            config: AllReduceConfig::default(),
+            local: Some(Arc::new(RoundBuffer::new(values, parts))),
+            sender_slot: vec![Some(0)],
+            sums: Arc::new(SumPool::new(0)),
+        }
+    }
+
+    fn raw(part: usize, values: &[f32]) -> PartUpdate {
+        PartUpdate::RawAverage {
+            part,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_for_a_part_still_on_its_way_out_waits_for_the_lease_to_end() {
+        let context = context(vec![1.0, 2.0, 3.0, 4.0], 2);
+        let buffer = context.local.clone().unwrap();
+        let (tensors, mut taken) = mpsc::unbounded_channel();
+        let mut collector = Collector::new(&context, tensors);
+        let payload = buffer.lease(1, 2..4);
+        collector.apply(raw(0, &[10.0, 20.0]));
+        collector.apply(PartUpdate::Delta {
+            part: 1,
+            values: vec![0.5, 0.5],
+        });
+        assert!(collector.has_deferred(), "part 1 is leased: its result must wait");
+        let expected: Vec<u8> = [3.0f32, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            &payload[..],
+            &expected[..],
+            "the payload still reads the values it was sent with"
+        );
+        collector.retry_deferred();
+        assert!(collector.has_deferred(), "still leased");
+        drop(payload);
+        collector.retry_deferred();
+        assert!(!collector.has_deferred());
+        assert_eq!(collector.averaged, 2);
+        let ready = taken.try_recv().expect("the tensor is complete");
+        assert_eq!(ready.values, vec![10.0, 20.0, 3.5, 4.5]);
+        drop(collector);
+        drop(context);
+        let values = RoundBuffer::into_vec(buffer, Duration::from_secs(1)).await;
+        assert_eq!(values, vec![10.0, 20.0, 3.5, 4.5]);
+    }
+
+    #[tokio::test]
+    async fn a_result_still_waiting_at_the_end_of_the_round_goes_into_the_returned_values() {
+        let context = context(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2);
+        let (tensors, taken) = mpsc::unbounded_channel::<TensorReady>();
+        drop(taken);
+        let mut collector = Collector::new(&context, tensors);
+        let buffer = collector.buffer.clone().unwrap();
+        // A payload of part 2 stuck behind a broken connection outlives the round.
+        let stuck = buffer.lease(2, 4..6);
+        collector.apply(raw(0, &[7.0, 7.0]));
+        collector.apply(raw(2, &[9.0, 9.0]));
+        assert!(collector.has_deferred());
+        collector.buffer = None;
+        drop(context);
+        let mut values = RoundBuffer::into_vec(buffer, Duration::from_millis(10)).await;
+        collector.finish(&mut values);
+        // Part 1 got no result (its reducer failed): it keeps this peer's values.
+        assert_eq!(values, vec![7.0, 7.0, 3.0, 4.0, 9.0, 9.0]);
+        assert_eq!(collector.averaged, 2);
+        let expected: Vec<u8> = [5.0f32, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            &stuck[..],
+            &expected[..],
+            "the stuck payload still reads the original buffer"
+        );
+    }
+}
