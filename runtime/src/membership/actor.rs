@@ -42,8 +42,57 @@ struct Timers {
     armed: Option<Instant>,
 }
 
+/// How far behind its timers this peer runs (see [`super::SwimConfig::max_local_health`]).
+struct LocalHealth {
+    score: u32,
+    max: u32,
+    /// A timer at least this late raises the score.
+    late: Duration,
+    /// The score falls by one per this much time of timers on time.
+    recovery: Duration,
+    last_change: Instant,
+    gauge: metrics::Gauge,
+}
+
+impl LocalHealth {
+    fn new(swim: &super::SwimConfig) -> Self {
+        let gauge = metrics::gauge!("colony_membership_local_health");
+        gauge.set(0.0);
+        Self {
+            score: 0,
+            max: swim.max_local_health,
+            late: swim.probe_rtt / 2,
+            recovery: swim.probe_period,
+            last_change: Instant::now(),
+            gauge,
+        }
+    }
+
+    /// Takes note of a timer that fired `lateness` after its deadline.
+    fn observe(&mut self, lateness: Duration, now: Instant) {
+        let before = self.score;
+        if lateness >= self.late {
+            self.score = (self.score + 1).min(self.max);
+            self.last_change = now;
+        } else if self.score > 0 && now.duration_since(self.last_change) >= self.recovery {
+            self.score -= 1;
+            self.last_change = now;
+        }
+        if self.score != before {
+            self.gauge.set(f64::from(self.score));
+            tracing::debug!(score = self.score, ?lateness, "membership: local health changed");
+        }
+    }
+
+    /// `after`, stretched by the score.
+    fn stretch(&self, after: Duration) -> Duration {
+        after * (1 + self.score)
+    }
+}
+
 pub(crate) struct MembershipActor {
     swim: Swim,
+    health: LocalHealth,
     /// Raised by the record broadcast handler when a received record was new.
     fresh_records: Arc<AtomicBool>,
     runtime: AccumulatingRuntime<MemberId>,
@@ -86,6 +135,7 @@ impl PeerGauges {
 impl MembershipActor {
     pub(crate) fn new(swim: Swim, fresh_records: Arc<AtomicBool>, shared: Arc<Shared>) -> Self {
         Self {
+            health: LocalHealth::new(&shared.config.swim),
             swim,
             fresh_records,
             runtime: AccumulatingRuntime::new(),
@@ -114,7 +164,7 @@ impl MembershipActor {
     }
 
     fn schedule(&mut self, after: Duration, timer: Timer<MemberId>, ctx: &mut Context<Self>) {
-        let deadline = Instant::now() + after;
+        let deadline = Instant::now() + self.health.stretch(after);
         let timers = &mut self.timers;
         let seq = timers.next;
         timers.next += 1;
@@ -140,6 +190,11 @@ impl MembershipActor {
         let now = Instant::now() + Duration::from_millis(1);
         if self.timers.armed.is_some_and(|armed| armed <= now) {
             self.timers.armed = None;
+        }
+        if let Some(Reverse((earliest, _))) = self.timers.heap.peek().copied()
+            && earliest <= now
+        {
+            self.health.observe(now.saturating_duration_since(earliest), now);
         }
         while let Some(Reverse((deadline, seq))) = self.timers.heap.peek().copied() {
             if deadline > now {
@@ -602,3 +657,49 @@ impl Handler<Stop> for MembershipActor {
 
 /// How long a graceful leave waits for its datagrams to go out before connections close.
 pub(crate) const LEAVE_FLUSH: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn late_timers_raise_local_health_up_to_its_bound_and_timers_on_time_lower_it_one_period_at_a_time() {
+        let swim = super::super::SwimConfig::default();
+        let mut health = LocalHealth::new(&swim);
+        let start = Instant::now();
+        let (late, on_time) = (swim.probe_rtt / 2, swim.probe_rtt / 10);
+        health.observe(on_time, start);
+        assert_eq!(
+            health.stretch(Duration::from_millis(400)),
+            Duration::from_millis(400),
+            "a peer on time"
+        );
+        for step in 1..=10u32 {
+            health.observe(late, start + Duration::from_millis(u64::from(step)));
+        }
+        assert_eq!(health.score, swim.max_local_health, "bounded by max_local_health");
+        let max = swim.max_local_health;
+        assert_eq!(
+            health.stretch(Duration::from_secs(1)),
+            Duration::from_secs(u64::from(1 + max))
+        );
+        let last_late = start + Duration::from_millis(10);
+        health.observe(on_time, last_late + swim.probe_period / 2);
+        assert_eq!(health.score, max, "recovers only after a probe period on time");
+        health.observe(on_time, last_late + swim.probe_period);
+        assert_eq!(health.score, max - 1);
+        health.observe(on_time, last_late + swim.probe_period + Duration::from_millis(1));
+        assert_eq!(health.score, max - 1, "one step per probe period");
+        let off = super::super::SwimConfig {
+            max_local_health: 0,
+            ..swim.clone()
+        };
+        let mut health = LocalHealth::new(&off);
+        health.observe(Duration::from_secs(5), start);
+        assert_eq!(
+            health.stretch(Duration::from_secs(1)),
+            Duration::from_secs(1),
+            "turned off"
+        );
+    }
+}

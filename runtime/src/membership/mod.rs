@@ -75,6 +75,13 @@ pub struct SwimConfig {
     /// spreads each join a bounded number of times, so peers that joined at about the same time can miss
     /// each other; these requests fill such gaps within seconds.
     pub announce_interval: Duration,
+    /// Highest local health score (after Lifeguard's local health multiplier; 0 turns it off). A peer
+    /// whose membership timers fire more than half a `probe_rtt` late is overloaded: each such timer
+    /// raises its score by one, each probe period of timers on time lowers it by one, and every SWIM timer
+    /// it sets is stretched by `1 + score`. An overloaded peer then waits longer for acks that sit behind
+    /// its own backlog before it suspects their senders, gives suspected members longer to refute, and
+    /// probes and gossips less while it is behind. A peer on time is unaffected.
+    pub max_local_health: u32,
 }
 
 impl Default for SwimConfig {
@@ -90,6 +97,7 @@ impl Default for SwimConfig {
             max_packet_size: None,
             down_announce_interval: Duration::from_secs(5),
             announce_interval: Duration::from_secs(1),
+            max_local_health: 4,
         }
     }
 }
