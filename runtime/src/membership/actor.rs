@@ -164,7 +164,15 @@ impl MembershipActor {
     }
 
     fn schedule(&mut self, after: Duration, timer: Timer<MemberId>, ctx: &mut Context<Self>) {
-        let deadline = Instant::now() + self.health.stretch(after);
+        // Failure detection slows down with local health; gossip and announcements keep their pace, as
+        // they are what fills the gaps in a swarm that is still converging.
+        let after = match timer {
+            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } | Timer::ChangeSuspectToDown { .. } => {
+                self.health.stretch(after)
+            }
+            _ => after,
+        };
+        let deadline = Instant::now() + after;
         let timers = &mut self.timers;
         let seq = timers.next;
         timers.next += 1;

@@ -77,10 +77,11 @@ pub struct SwimConfig {
     pub announce_interval: Duration,
     /// Highest local health score (after Lifeguard's local health multiplier; 0 turns it off). A peer
     /// whose membership timers fire more than half a `probe_rtt` late is overloaded: each such timer
-    /// raises its score by one, each probe period of timers on time lowers it by one, and every SWIM timer
-    /// it sets is stretched by `1 + score`. An overloaded peer then waits longer for acks that sit behind
-    /// its own backlog before it suspects their senders, gives suspected members longer to refute, and
-    /// probes and gossips less while it is behind. A peer on time is unaffected.
+    /// raises its score by one, each probe period of timers on time lowers it by one, and the timers of
+    /// failure detection it sets (probe period, probe RTT, suspicion) are stretched by `1 + score`. An
+    /// overloaded peer then waits longer for acks that sit behind its own backlog before it suspects their
+    /// senders, gives suspected members longer to refute, and probes less while it is behind; gossip and
+    /// announcements keep their pace. A peer on time is unaffected.
     pub max_local_health: u32,
 }
 
