@@ -62,6 +62,17 @@ impl Peer {
         config: AllReduceConfig,
     ) -> allreduce::AllReduceRun {
         let tensors = values.map(|v| FlatTensors::new(layout.clone(), v.to_vec()).unwrap());
+        self.start_with(plan, layout, tensors, config)
+    }
+
+    /// Starts this peer's run of `plan` with `tensors` as they are (`None` for an auxiliary).
+    fn start_with(
+        &self,
+        plan: &GroupPlan,
+        layout: &Arc<TensorLayout>,
+        tensors: Option<FlatTensors>,
+        config: AllReduceConfig,
+    ) -> allreduce::AllReduceRun {
         allreduce::start(
             &self.service,
             self.endpoint.connector(),
@@ -312,16 +323,7 @@ async fn a_round_averages_in_the_callers_buffer_and_reuses_the_sums_of_earlier_p
         for (peer, input) in peers.iter().zip(&inputs) {
             let tensors = FlatTensors::new(layout.clone(), input.clone()).unwrap();
             let address = tensors.as_slice().as_ptr() as usize;
-            let run = allreduce::start(
-                &peer.service,
-                peer.endpoint.connector(),
-                plan.clone(),
-                peer.id(),
-                layout.clone(),
-                Some(tensors),
-                config.clone(),
-            )
-            .unwrap();
+            let run = peer.start_with(&plan, &layout, Some(tensors), config.clone());
             handles.push((address, tokio::spawn(run.finish())));
         }
         for (index, (address, handle)) in handles.into_iter().enumerate() {
