@@ -10,8 +10,9 @@
 //! for, so one slow peer cannot stall the round. Each part has one accumulator, allocated on its first
 //! contribution and released when the part is handed out, so memory stays near one shard even when senders
 //! run at different speeds; with a [`SumPool`] the caller gives averages back once it has sent them, and the
-//! next parts sum into those warm buffers instead of fresh memory. Values are accumulated in `f32`: a part is the sum of a few senders, and the
-//! summing loop is bound by memory bandwidth on multi-megabyte shards, which `f64` would halve.
+//! next parts sum into those warm buffers instead of fresh memory. Values are accumulated in `f32`: a part
+//! is the sum of a few senders, and the summing loop is bound by memory bandwidth on multi-megabyte shards,
+//! which `f64` would halve.
 //!
 //! With [`Aggregation::CenteredClip`] a part's accumulator holds every sender's copy instead of a running
 //! sum (the robust centre needs them all at once), so a part in flight costs the group size times the part
@@ -484,7 +485,7 @@ impl SumPool {
 
     /// An empty buffer with room for `len` values: the smallest spare that fits, else a new one.
     pub fn take(&self, len: usize) -> Vec<f32> {
-        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut free = self.lock();
         let best = free
             .iter()
             .enumerate()
@@ -500,7 +501,7 @@ impl SumPool {
     /// Gives `buffer` back for a later sum.
     pub fn give(&self, mut buffer: Vec<f32>) {
         buffer.clear();
-        let mut free = self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut free = self.lock();
         if free.len() < self.limit && buffer.capacity() > 0 {
             free.push(buffer);
         }
@@ -508,7 +509,12 @@ impl SumPool {
 
     /// Buffers held.
     pub fn spare(&self) -> usize {
-        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f32>>> {
+        // Every critical section is one push or removal: a poisoned list is still a list of spare buffers.
+        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -175,11 +175,16 @@ struct Lease {
 impl AsRef<[u8]> for Lease {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: the part is leased while `self` lives, so the collector does not write it (module rules).
-        let values = unsafe { self.buffer.read(self.range.clone()) };
-        // SAFETY: f32 memory seen as its bytes: same size, u8 has alignment 1 and every byte is a valid u8;
-        // the slice borrows `self`, which keeps the buffer alive.
-        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+        f32_bytes(unsafe { self.buffer.read(self.range.clone()) })
     }
+}
+
+/// f32 values seen as their bytes, in the machine's order (the `none` codec's wire layout on a
+/// little-endian machine).
+pub(super) fn f32_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: an f32 slice is valid, initialised memory of `4 * len` bytes; u8 has alignment 1, every byte
+    // pattern is a valid u8, and the result borrows `values`.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 impl Drop for Lease {

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::buffer::RoundBuffer;
+use super::buffer::{RoundBuffer, f32_bytes};
 use super::messages::{Refusal, ToReducer, ToSender};
 use super::service::{AllReduceService, IncomingPart, Registration, refuse};
 use super::{AllReduceConfig, AllReduceError, Fault, GroupPlan, Outcome, PeerMode, Report, protocol};
@@ -417,7 +417,7 @@ impl Collector {
     }
 
     fn hand_out(&mut self) {
-        let Some(buffer) = self.buffer.clone() else { return };
+        let Some(buffer) = self.buffer.as_ref() else { return };
         if self.tensors.is_closed() {
             // Nobody takes tensors one by one (the owner waits for the whole buffer): skip the copies.
             return;
@@ -1146,10 +1146,7 @@ struct F32Bytes(Arc<Average>, Range<usize>);
 
 impl AsRef<[u8]> for F32Bytes {
     fn as_ref(&self) -> &[u8] {
-        let values = &self.0[self.1.clone()];
-        // SAFETY: an f32 slice is valid, initialised memory of `4 * len` bytes; u8 has alignment 1 and every
-        // byte pattern is a valid u8, and the borrow keeps `self` (the owner) alive for the slice's lifetime.
-        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+        f32_bytes(&self.0[self.1.clone()])
     }
 }
 
