@@ -315,6 +315,9 @@ enum Source {
     Hot(usize),
 }
 
+/// The hot source's buffer.
+const HOT_CHUNK: usize = 1 << 20;
+
 /// Sends to and receives from every other peer at once, as much each way as [`Source`] says; what a
 /// connection receives lands in its buffer of `landing` (twice over: the second half of the exchange
 /// overwrites the first, as results overwrite a vector's slice), or in one reused 1 MiB buffer when the
@@ -324,54 +327,37 @@ async fn raw_exchange(
     source: Source,
     landing: Vec<Vec<u8>>,
 ) -> anyhow::Result<(Vec<TcpStream>, Vec<Vec<u8>>)> {
+    let hot_chunk = Arc::new(vec![7u8; HOT_CHUNK]);
     let mut tasks = Vec::new();
     for (connection, (stream, mut land)) in streams.into_iter().zip(landing).enumerate() {
-        let (vector, ranges, hot) = match &source {
-            Source::Vector(vector, ranges) => (Some(vector.clone()), ranges[connection].clone(), 0),
-            Source::Hot(bytes) => (None, [0..0, 0..0], *bytes),
+        // The bytes to send, as ranges of `data`.
+        let (data, pieces, hot) = match &source {
+            Source::Vector(vector, ranges) => (vector.clone(), ranges[connection].to_vec(), false),
+            Source::Hot(bytes) => {
+                let pieces = (0..*bytes)
+                    .step_by(HOT_CHUNK)
+                    .map(|start| 0..HOT_CHUNK.min(bytes - start))
+                    .collect();
+                (hot_chunk.clone(), pieces, true)
+            }
         };
+        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
         tasks.push(tokio::spawn(async move {
             let (mut reader, mut writer) = stream.into_split();
-            let total = match &vector {
-                Some(_) => ranges[0].len() + ranges[1].len(),
-                None => hot,
-            };
             let write = async {
-                match &vector {
-                    Some(vector) => {
-                        for range in &ranges {
-                            writer.write_all(&vector[range.clone()]).await?;
-                        }
-                    }
-                    None => {
-                        let chunk = vec![7u8; 1 << 20];
-                        let mut left = hot;
-                        while left > 0 {
-                            let n = left.min(chunk.len());
-                            writer.write_all(&chunk[..n]).await?;
-                            left -= n;
-                        }
-                    }
+                for piece in &pieces {
+                    writer.write_all(&data[piece.clone()]).await?;
                 }
                 writer.flush().await
             };
             let read = async {
-                let mut scratch = if vector.is_some() {
-                    Vec::new()
-                } else {
-                    vec![0u8; 1 << 20]
-                };
+                let mut scratch = if hot { vec![0u8; HOT_CHUNK] } else { Vec::new() };
+                let target = if hot { &mut scratch } else { &mut land };
                 let mut received = 0;
                 while received < total {
-                    let buffer = if vector.is_some() {
-                        let at = received % land.len().max(1);
-                        let end = land.len().min(at + (total - received));
-                        &mut land[at..end]
-                    } else {
-                        let n = scratch.len().min(total - received);
-                        &mut scratch[..n]
-                    };
-                    let n = reader.read(buffer).await?;
+                    let at = received % target.len().max(1);
+                    let end = target.len().min(at + (total - received));
+                    let n = reader.read(&mut target[at..end]).await?;
                     if n == 0 {
                         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed"));
                     }
